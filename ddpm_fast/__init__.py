@@ -1,0 +1,29 @@
+"""ddpm-fast: fused kernels and a fast sampler for DDPM diffusion models."""
+
+from . import reference
+from .ops import (
+    BackendUnavailableError,
+    attention,
+    available_backends,
+    group_norm,
+    p_step,
+    philox_randn,
+    q_sample,
+)
+from .schedule import NoiseSchedule
+from . import models
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "NoiseSchedule",
+    "attention",
+    "available_backends",
+    "models",
+    "group_norm",
+    "p_step",
+    "philox_randn",
+    "q_sample",
+    "reference",
+]

@@ -1,0 +1,44 @@
+"""The compiled extension, if built: importing it registers torch.ops.ddpm_fast.*."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    from . import _C  # noqa: F401
+
+    BUILD_INFO = dict(_C.build_info())
+    IMPORT_ERROR = None
+except ImportError as e:  # the package works without it, on the reference backend
+    _C = None
+    BUILD_INFO = None
+    IMPORT_ERROR = str(e)
+
+if _C is not None:
+    from . import _ops_meta  # noqa: F401  (fake kernels for torch.compile)
+
+
+def cpu_status():
+    return True if _C is not None else f"extension not built ({IMPORT_ERROR})"
+
+
+def cuda_status():
+    if _C is None:
+        return f"extension not built ({IMPORT_ERROR})"
+    if not BUILD_INFO["cuda"]:
+        return "extension built without CUDA (no CUDA toolkit or a CPU build of torch at build time)"
+    if not torch.cuda.is_available():
+        return "no GPU"
+    return True
+
+
+def triton_status():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton not installed"
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    return "no GPU (set TRITON_INTERPRET=1 to run the kernels on the CPU interpreter)"

@@ -1,0 +1,102 @@
+"""Checkpoint loading: diffusers UNet2DModel (module or saved directory) -> DDPMUNet."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Mapping, Tuple
+
+import torch
+
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def config_from_diffusers(cfg: Mapping[str, Any]) -> Dict[str, Any]:
+    """Translate a UNet2DModel config into DDPMUNet arguments; raise on what DDPMUNet cannot express."""
+    def need(key, allowed, default):
+        v = cfg.get(key, default)
+        if v not in allowed:
+            raise ValueError(f"config: {key}={v!r} is not supported by DDPMUNet (supported: {allowed})")
+        return v
+
+    need("time_embedding_type", ("positional",), "positional")
+    need("act_fn", ("silu", "swish"), "silu")
+    need("resnet_time_scale_shift", ("default",), "default")
+    need("class_embed_type", (None,), None)
+    need("num_class_embeds", (None,), None)
+    need("mid_block_type", ("UNetMidBlock2D",), "UNetMidBlock2D")
+    need("add_attention", (True,), True)
+    need("downsample_type", ("conv",), "conv")
+    need("upsample_type", ("conv",), "conv")
+    boc = list(cfg["block_out_channels"])
+    ch = boc[0]
+    if any(c % ch for c in boc):
+        raise ValueError(f"config: block_out_channels {boc} are not multiples of the first")
+    size = cfg.get("sample_size", 32)
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise ValueError(f"config: sample_size {size} must be square")
+        size = size[0]
+    downs = list(cfg["down_block_types"])
+    attn_levels = []
+    for i, kind in enumerate(downs):
+        if kind not in ("DownBlock2D", "AttnDownBlock2D"):
+            raise ValueError(f"config: down block {kind!r} is not supported by DDPMUNet")
+        if kind == "AttnDownBlock2D":
+            attn_levels.append(i)
+    ups = ["AttnUpBlock2D" if (len(downs) - 1 - i) in attn_levels else "UpBlock2D" for i in range(len(downs))]
+    if list(cfg["up_block_types"]) != ups:
+        raise ValueError(f"config: up_block_types {list(cfg['up_block_types'])} must mirror the down blocks: {ups}")
+    groups = cfg.get("norm_num_groups", 32)
+    attn_groups = cfg.get("attn_norm_num_groups")
+    if groups is None or (attn_groups is not None and attn_groups != groups):
+        raise ValueError("config: norm_num_groups must be set and attn_norm_num_groups must equal it")
+    return dict(
+        in_channels=cfg.get("in_channels", 3), out_channels=cfg.get("out_channels", 3), ch=ch,
+        ch_mult=[c // ch for c in boc], num_res_blocks=cfg.get("layers_per_block", 2),
+        attn_resolutions=[size // 2**i for i in attn_levels], dropout=cfg.get("dropout", 0.0),
+        resamp_with_conv=True, image_size=size, num_groups=groups, eps=cfg.get("norm_eps", 1e-5),
+        flip_sin_to_cos=cfg.get("flip_sin_to_cos", True), freq_shift=cfg.get("freq_shift", 0),
+        downsample_padding=cfg.get("downsample_padding", 1), attention_head_dim=cfg.get("attention_head_dim", 8),
+        temb_dim=cfg.get("time_embedding_dim"), mid_block_scale_factor=cfg.get("mid_block_scale_factor", 1.0),
+        center_input_sample=cfg.get("center_input_sample", False))
+
+
+def read_diffusers_dir(path: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"unet_or_dir: {path!r} is not a directory holding config.json and weights")
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"unet_or_dir: no config.json in {path!r}")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"unet_or_dir: {cfg_path} is not valid JSON ({e})") from None
+    for name in WEIGHT_FILES:
+        wpath = os.path.join(path, name)
+        if os.path.isfile(wpath):
+            try:
+                if name.endswith(".safetensors"):
+                    from safetensors.torch import load_file
+
+                    return cfg, load_file(wpath)
+                return cfg, torch.load(wpath, map_location="cpu", weights_only=True)
+            except Exception as e:  # a truncated or foreign file: say which, not a deep traceback
+                raise ValueError(f"unet_or_dir: cannot read weights {wpath} ({type(e).__name__}: {e})") from None
+    raise FileNotFoundError(f"unet_or_dir: no weights in {path!r} (looked for {', '.join(WEIGHT_FILES)})")
+
+
+def load_diffusers(cls, unet_or_dir):
+    if isinstance(unet_or_dir, (str, os.PathLike)):
+        cfg, state = read_diffusers_dir(os.fspath(unet_or_dir))
+    elif hasattr(unet_or_dir, "config") and hasattr(unet_or_dir, "state_dict"):
+        cfg, state = dict(unet_or_dir.config), unet_or_dir.state_dict()
+    else:
+        raise TypeError(f"unet_or_dir: expected a diffusers UNet2DModel or a directory, got {type(unet_or_dir).__name__}")
+    model = cls(**config_from_diffusers(cfg))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"unet_or_dir: the weights do not fit the config: {e}") from None
+    return model.eval()

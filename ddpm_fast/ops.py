@@ -1,0 +1,193 @@
+"""The one dispatch point: validate arguments, pick a backend, call it.
+
+backend="auto" picks the CUDA extension for CUDA tensors (else Triton), the C++ CPU
+extension for CPU tensors, and the reference wherever an op has no kernel yet or the
+input is float64.  Naming a backend that cannot run the call raises BackendUnavailableError
+saying why.  Backends never call each other.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from . import _checks, _ext
+from . import reference as ref
+from .reference.attention import attention_math, check_attention
+from .reference.group_norm import check_group_norm, group_norm_math
+from .reference.p_step import check_p_step, p_step_math
+from .reference.philox import STREAM_STEP, split_seed
+from .reference.q_sample import check_q_sample, q_sample_math
+from .schedule import DeviceTables, NoiseSchedule
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+
+# Which backends have a kernel for each op.  The reference has every op.
+KERNELS = {
+    "philox_randn": ("cpu", "cuda", "triton"),
+    "q_sample": (),
+    "p_step": (),
+    "group_norm": (),
+    "attention": (),
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run this call; the message says why."""
+
+
+def available_backends() -> dict:
+    """{backend: True or the reason it cannot run here}."""
+    return {"reference": True, "cpu": _ext.cpu_status(), "cuda": _ext.cuda_status(), "triton": _ext.triton_status()}
+
+
+def _status(backend: str):
+    return available_backends()[backend]
+
+
+def pick_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    _checks.choice(backend, "backend", BACKENDS)
+    kernels = KERNELS[op]
+    if backend == "auto":
+        if dtype == torch.float64:
+            return "reference"
+        order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+        for b in order:
+            if b in kernels and _status(b) is True:
+                return b
+        return "reference"
+    if backend == "reference":
+        return backend
+    if backend not in kernels:
+        raise BackendUnavailableError(f"backend={backend!r}: {op} has no {backend} kernel yet; use 'auto' or 'reference'")
+    status = _status(backend)
+    if status is not True:
+        raise BackendUnavailableError(f"backend={backend!r} is not available: {status}")
+    if dtype == torch.float64:
+        raise BackendUnavailableError(f"backend={backend!r}: {op} kernels take float32/float16/bfloat16, not float64; "
+                                      "use backend='reference' for float64")
+    if backend == "cpu" and device.type != "cpu":
+        raise BackendUnavailableError(f"backend='cpu' needs CPU tensors, got {device}")
+    if backend == "cuda" and device.type != "cuda":
+        raise BackendUnavailableError(f"backend='cuda' needs CUDA tensors, got {device}")
+    if backend == "triton" and device.type not in ("cuda", "cpu"):
+        raise BackendUnavailableError(f"backend='triton' needs CUDA tensors (or CPU ones under TRITON_INTERPRET=1), got {device}")
+    if backend == "triton" and device.type == "cpu" and not _interpreting():
+        raise BackendUnavailableError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1")
+    return backend
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# --------------------------------------------------------------------------- philox
+def philox_randn(
+    shape: Sequence[int],
+    seed: int,
+    t: Union[int, torch.Tensor] = 0,
+    stream: int = STREAM_STEP,
+    sample_offset: int = 0,
+    device: Union[str, torch.device, None] = None,
+    dtype: torch.dtype = torch.float32,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Standard normals [B, *sample] under the noise contract (DESIGN.md §2): exactly the noise
+    the fused kernels draw in-kernel.  ``t`` is a scalar or a per-sample tensor [B]; sample i
+    has global index ``sample_offset + i``."""
+    if isinstance(shape, int) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape) \
+            or len(shape) < 1:
+        raise ValueError(f"shape: expected a sequence of non-negative ints with a batch dimension, got {shape!r}")
+    split_seed(seed)
+    if isinstance(stream, bool) or not isinstance(stream, int) or not 0 <= stream < 2**32:
+        raise ValueError(f"stream: expected an int in [0, 2**32), got {stream!r}")
+    _checks.nonneg_int(sample_offset, "sample_offset")
+    if dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"dtype: expected a floating dtype, got {dtype}")
+    if device is None:
+        device = t.device if isinstance(t, torch.Tensor) else torch.device("cpu")
+    device = torch.device(device)
+    t_vec = _checks.timesteps(t, shape[0], 2**32, device)
+    which = pick_backend("philox_randn", backend, device, dtype)
+    if which == "reference":
+        return ref.philox_randn(shape, seed, t_vec, stream, sample_offset, device, dtype)
+    if which == "triton":
+        from .triton.philox import philox_randn as tri
+
+        return tri(t_vec, tuple(shape[1:]), seed, stream, sample_offset, dtype)
+    signed_seed = seed - 2**64 if seed >= 2**63 else seed
+    return torch.ops.ddpm_fast.philox_randn(t_vec.contiguous(), list(shape[1:]), signed_seed, stream, sample_offset,
+                                            dtype)
+
+
+# ----------------------------------------------------------------- diffusion steps
+def q_sample(
+    x0: torch.Tensor,
+    t: Union[int, torch.Tensor],
+    schedule: Union[NoiseSchedule, DeviceTables],
+    noise: Optional[torch.Tensor] = None,
+    seed: Optional[int] = None,
+    sample_offset: int = 0,
+    return_noise: bool = False,
+    backend: str = "auto",
+):
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (see ddpm_fast.reference.q_sample)."""
+    t_vec, sched = check_q_sample(x0, t, schedule, noise, seed, sample_offset)
+    pick_backend("q_sample", backend, x0.device, x0.dtype)
+    return q_sample_math(x0, t_vec, sched, noise, seed, sample_offset, return_noise)
+
+
+def p_step(
+    x_t: torch.Tensor,
+    model_output: torch.Tensor,
+    t: Union[int, torch.Tensor],
+    schedule: Union[NoiseSchedule, DeviceTables],
+    noise: Optional[torch.Tensor] = None,
+    seed: Optional[int] = None,
+    sample_offset: int = 0,
+    prediction: str = "epsilon",
+    variance: str = "fixed_small",
+    clip_sample: bool = True,
+    clip_range: float = 1.0,
+    form: str = "posterior",
+    thresholding: bool = False,
+    dynamic_thresholding_ratio: float = 0.995,
+    sample_max_value: float = 1.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """x_{t-1} from x_t and the model output (see ddpm_fast.reference.p_step for the math)."""
+    args = (noise, seed, sample_offset, prediction, variance, clip_sample, clip_range, form, thresholding,
+            dynamic_thresholding_ratio, sample_max_value)
+    t_vec, sched = check_p_step(x_t, model_output, t, schedule, *args)
+    pick_backend("p_step", backend, x_t.device, x_t.dtype)
+    return p_step_math(x_t, model_output, t_vec, sched, *args)
+
+
+# ------------------------------------------------------------------- U-Net layers
+def group_norm(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+    add: Optional[torch.Tensor] = None,
+    scale: Optional[torch.Tensor] = None,
+    shift: Optional[torch.Tensor] = None,
+    silu: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """y = act(GroupNorm(x + add) * (1 + scale) + shift) (see ddpm_fast.reference.group_norm)."""
+    check_group_norm(x, num_groups, weight, bias, eps, add, scale, shift)
+    pick_backend("group_norm", backend, x.device, x.dtype)
+    return group_norm_math(x, num_groups, weight, bias, eps, add, scale, shift, silu)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
+              backend: str = "auto") -> torch.Tensor:
+    """softmax(q k^T * scale) v on [B, heads, L, d]; scale defaults to 1/sqrt(d)."""
+    check_attention(q, k, v, scale)
+    pick_backend("attention", backend, q.device, q.dtype)
+    return attention_math(q, k, v, scale)

@@ -1,0 +1,82 @@
+"""Philox noise in Triton: the noise contract of DESIGN.md §2.
+
+normal4(seed, group, sample, t, stream) -> four N(0, 1) floats for elements
+4*group .. 4*group+3 of one sample; the fused kernels call it in registers.
+
+philox_randn kernel: z[i, j] for a [B, n] output.
+  grid = (cdiv(ceil(n / 4), BLOCK), B); each program owns BLOCK groups of 4 elements.
+  Moves 4*B*n bytes (fp32 out), 1 Philox (10 rounds, ~80 int ops) + 2 Box-Muller per group.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def normal4(seed, group, sample, t, stream):
+    c0 = group.to(tl.uint32)
+    c1 = (sample + tl.zeros_like(group)).to(tl.uint32)
+    c2 = (t + tl.zeros_like(group)).to(tl.uint32)
+    c3 = (stream + tl.zeros_like(group)).to(tl.uint32)
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3, 10)
+    n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r0), tl.uint_to_uniform_float(r1))
+    n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r2), tl.uint_to_uniform_float(r3))
+    return n0, n1, n2, n3
+
+
+@triton.jit
+def _philox_randn_kernel(out_ptr, t_ptr, seed, stream, sample_offset, n, BLOCK: tl.constexpr):
+    sample = tl.program_id(1)
+    group = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    t = tl.load(t_ptr + sample)
+    n0, n1, n2, n3 = normal4(seed, group, sample + sample_offset, t, stream)
+    base = out_ptr + sample.to(tl.int64) * n + 4 * group
+    ty = out_ptr.dtype.element_ty
+    tl.store(base, n0.to(ty), mask=4 * group < n)
+    tl.store(base + 1, n1.to(ty), mask=4 * group + 1 < n)
+    tl.store(base + 2, n2.to(ty), mask=4 * group + 2 < n)
+    tl.store(base + 3, n3.to(ty), mask=4 * group + 3 < n)
+
+
+def philox_randn(t: torch.Tensor, sample_shape, seed: int, stream: int, sample_offset: int,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """Normals [B, *sample_shape] on t's device; t is a LongTensor [B] (validated by ddpm_fast.ops)."""
+    B = t.numel()
+    out = torch.empty((B, *sample_shape), dtype=dtype, device=t.device)
+    n = out[0].numel() if B else 0
+    if B == 0 or n == 0:
+        return out
+    BLOCK = 256
+    grid = (triton.cdiv(triton.cdiv(n, 4), BLOCK), B)
+    _philox_randn_kernel[grid](out, t.contiguous(), seed, stream, sample_offset, n, BLOCK=BLOCK)
+    return out
+
+
+@triton.jit
+def _philox4x32_kernel(out_ptr, counter_ptr, key_ptr, N, BLOCK: tl.constexpr):
+    row = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = row < N
+    c0 = tl.load(counter_ptr + 4 * row, mask=m).to(tl.uint32)
+    c1 = tl.load(counter_ptr + 4 * row + 1, mask=m).to(tl.uint32)
+    c2 = tl.load(counter_ptr + 4 * row + 2, mask=m).to(tl.uint32)
+    c3 = tl.load(counter_ptr + 4 * row + 3, mask=m).to(tl.uint32)
+    k0 = tl.load(key_ptr + 2 * row, mask=m).to(tl.uint64)
+    k1 = tl.load(key_ptr + 2 * row + 1, mask=m).to(tl.uint64)
+    r0, r1, r2, r3 = tl.philox(k0 | (k1 << 32), c0, c1, c2, c3, 10)
+    tl.store(out_ptr + 4 * row, r0.to(tl.int64), mask=m)
+    tl.store(out_ptr + 4 * row + 1, r1.to(tl.int64), mask=m)
+    tl.store(out_ptr + 4 * row + 2, r2.to(tl.int64), mask=m)
+    tl.store(out_ptr + 4 * row + 3, r3.to(tl.int64), mask=m)
+
+
+def philox4x32(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Raw Philox4x32-10 words: counter [N, 4] and key [N, 2] int64 holding uint32 -> [N, 4] int64."""
+    N = counter.shape[0]
+    out = torch.empty((N, 4), dtype=torch.int64, device=counter.device)
+    if N:
+        BLOCK = 64
+        _philox4x32_kernel[(triton.cdiv(N, BLOCK),)](out, counter.contiguous(), key.contiguous(), N, BLOCK=BLOCK)
+    return out

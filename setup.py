@@ -1,0 +1,47 @@
+"""Builds ddpm_fast._C from csrc/.
+
+A CUDAExtension when a CUDA toolkit and a CUDA build of torch are both present (archs
+from TORCH_CUDA_ARCH_LIST, default sm_80 and sm_90 plus sm_90 PTX), else a CppExtension.
+DDPM_FAST_NO_EXT=1 skips the extension (the package then runs on the reference backend);
+DDPM_FAST_NO_CUDA=1 forces a CPU-only build.  Always install with --no-build-isolation so
+the extension is built against the torch that will import it.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+DEFAULT_ARCHS = "8.0;9.0+PTX"
+
+
+def extension_modules():
+    if os.environ.get("DDPM_FAST_NO_EXT") == "1":
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension as ce
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    include = os.path.join(here, "csrc", "include")
+    cpu_sources = ["csrc/ops.cpp", "csrc/module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-fopenmp"]
+    with_cuda = (torch.version.cuda is not None and ce.CUDA_HOME is not None
+                 and os.environ.get("DDPM_FAST_NO_CUDA") != "1")
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+        ext = ce.CUDAExtension(
+            "ddpm_fast._C",
+            cpu_sources + sorted(glob.glob("csrc/cuda/*.cu")),
+            include_dirs=[include],
+            define_macros=[("DDPM_FAST_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = ce.CppExtension("ddpm_fast._C", cpu_sources, include_dirs=[include],
+                              extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    return [ext], {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extension_modules()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
