@@ -61,8 +61,8 @@ def timesteps(t, batch: int, T: int, device: torch.device) -> torch.Tensor:
     """t (int or integer tensor [B] / scalar) -> LongTensor [B] on ``device``, values checked in [0, T).
 
     The range check reads the values on the host, except while a CUDA graph is being
-    captured, where no sync is allowed; the kernels clamp t so a bad value can never
-    read out of bounds there.
+    captured or torch.compile traces (no sync, no data-dependent branch allowed); the
+    kernels clamp t so a bad value can never read out of bounds there.
     """
     if isinstance(t, bool):
         raise TypeError("t: expected an int or an integer tensor, got bool")
@@ -78,8 +78,8 @@ def timesteps(t, batch: int, T: int, device: torch.device) -> torch.Tensor:
         raise ValueError(f"t: expected a scalar or a tensor of shape [{batch}], got shape {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"t: expected a tensor on {device} like the samples, got one on {t.device}")
-    capturing = t.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not capturing and t.numel() and bool(((t < 0) | (t >= T)).any()):
+    tracing = torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing())
+    if not tracing and t.numel() and bool(((t < 0) | (t >= T)).any()):
         bad = t[(t < 0) | (t >= T)].flatten()[0].item()
         raise ValueError(f"t: expected timesteps in [0, {T}) for this schedule, got {bad}")
     return t.to(torch.int64).reshape(-1).expand(batch)

@@ -36,9 +36,16 @@ def group_norm_math(x, num_groups, weight, bias, eps, add, scale, shift, silu):
     h = x.to(cd)
     if add is not None:
         h = h + add.to(cd).reshape(bcast)
-    w = weight.to(cd) if weight is not None else None
-    b = bias.to(cd) if bias is not None else None
-    h = F.group_norm(h, num_groups, w, b, eps)
+    # Shift each group by its first element (x - pivot is exact for nearby floats), then two passes:
+    # stable for a large mean and a small spread, where fp32 sums of x itself lose the spread's digits.
+    g = h.reshape(B, num_groups, -1)
+    g = g - g[..., :1]
+    centred = g - g.mean(-1, keepdim=True)
+    h = (centred * torch.rsqrt(centred.square().mean(-1, keepdim=True) + eps)).reshape(h.shape)
+    if weight is not None:
+        h = h * weight.to(cd).reshape((1, C) + (1,) * (x.dim() - 2))
+    if bias is not None:
+        h = h + bias.to(cd).reshape((1, C) + (1,) * (x.dim() - 2))
     if scale is not None:
         h = h * (1 + scale.to(cd).reshape(bcast))
     if shift is not None:

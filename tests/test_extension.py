@@ -1,0 +1,58 @@
+"""The compiled extension: build information, op registration, torch.compile."""
+
+import pytest
+import torch
+
+import ddpm_fast as df
+from conftest import needs
+from ddpm_fast import _ext
+
+pytestmark = needs("cpu")
+
+
+def test_build_info():
+    info = _ext.BUILD_INFO
+    assert set(info) >= {"cuda", "cuda_archs", "cuda_version", "openmp", "torch"}
+    assert info["openmp"] is True
+    if info["cuda"]:
+        archs = set(info["cuda_archs"].split(","))
+        assert {"800", "900"} <= archs, archs
+
+
+def test_available_backends_names_reasons():
+    status = df.available_backends()
+    assert set(status) == {"reference", "cpu", "cuda", "triton"}
+    assert status["reference"] is True and status["cpu"] is True
+    for name, s in status.items():
+        assert s is True or (isinstance(s, str) and s), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_philox_randn(dtype):
+    t = torch.tensor([3, 0, 7])
+    torch.library.opcheck(torch.ops.ddpm_fast.philox_randn.default, (t, [2, 5], 123, 1, 4, dtype))
+
+
+def test_opcheck_philox4x32():
+    c = torch.randint(0, 2**32, (5, 4))
+    k = torch.randint(0, 2**32, (5, 2))
+    torch.library.opcheck(torch.ops.ddpm_fast.philox4x32.default, (c, k))
+
+
+@pytest.mark.slow
+def test_compiles_under_torch_compile():
+    def noisy(x, t):
+        return x + 0.1 * df.philox_randn(x.shape, 42, t=t, backend="cpu")
+
+    x = torch.randn(4, 3, 8, 8)
+    t = torch.tensor([1, 2, 3, 4])
+    compiled = torch.compile(noisy, fullgraph=True)
+    assert torch.equal(compiled(x, t), noisy(x, t))
+
+
+def test_unavailable_backend_says_why():
+    if df.available_backends()["cuda"] is not True:
+        with pytest.raises(df.BackendUnavailableError, match="backend='cuda'"):
+            df.philox_randn((2, 3), 1, backend="cuda")
+    with pytest.raises(df.BackendUnavailableError, match="no triton kernel yet|no .* kernel yet"):
+        df.p_step(torch.randn(1, 3, 2, 2), torch.randn(1, 3, 2, 2), 1, df.NoiseSchedule.linear(10), backend="triton")

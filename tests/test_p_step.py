@@ -1,0 +1,195 @@
+"""reference.p_step against diffusers' DDPMScheduler.step (same noise), and its own contract."""
+
+import itertools
+
+import pytest
+import torch
+
+import ddpm_fast as df
+from conftest import rel_err
+
+diffusers = pytest.importorskip("diffusers")
+
+PREDICTIONS = ["epsilon", "sample", "v_prediction"]
+# diffusers' variance types that our three cover: fixed_small_log draws sqrt(beta~) * z too.
+VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large",
+             "learned_range": "learned_range"}
+LIMITS = ["none", "clip", "clip2", "threshold"]
+
+
+def make_scheduler(prediction, dvariance, limit, dtype):
+    sched = diffusers.DDPMScheduler(
+        prediction_type=prediction, variance_type=dvariance, clip_sample=limit.startswith("clip"),
+        clip_sample_range=2.0 if limit == "clip2" else 1.0, thresholding=limit == "threshold",
+        sample_max_value=1.5, dynamic_thresholding_ratio=0.9)
+    if dtype == torch.float64:  # run diffusers' own step code on float64 tables
+        sched.betas = sched.betas.double()
+        sched.alphas_cumprod = torch.cumprod(1.0 - sched.betas, 0)
+        sched.one = torch.tensor(1.0, dtype=torch.float64)
+    return sched
+
+
+def step_both(sched, schedule, x, out, t_diff, t_ours, gen, variance, limit):
+    noise_gen = torch.Generator().set_state(gen.get_state())
+    theirs = sched.step(out, t_diff, x, generator=gen).prev_sample
+    noise = torch.randn(x.shape, generator=noise_gen, dtype=x.dtype)  # what randn_tensor drew
+    ours = df.reference.p_step(
+        x, out, t_ours, schedule, noise=noise, prediction=sched.config.prediction_type, variance=variance,
+        clip_sample=limit.startswith("clip"), clip_range=sched.config.clip_sample_range,
+        thresholding=limit == "threshold", dynamic_thresholding_ratio=0.9, sample_max_value=1.5)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("prediction,dvariance,limit",
+                         list(itertools.product(PREDICTIONS, VARIANCES, LIMITS)))
+def test_matches_diffusers_step_float64(prediction, dvariance, limit, gen):
+    """diffusers' own step code on float64 tables and ours, sharing betas: same math to 1e-12."""
+    sched = make_scheduler(prediction, dvariance, limit, torch.float64)
+    schedule = df.NoiseSchedule(sched.betas)
+    variance = VARIANCES[dvariance]
+    C = 3
+    x = torch.randn(2, C, 5, 7, generator=gen, dtype=torch.float64)
+    out = torch.randn(2, 2 * C if variance == "learned_range" else C, 5, 7, generator=gen, dtype=torch.float64)
+    for t in (0, 1, 2, 500, 999):
+        ours, theirs = step_both(sched, schedule, x, out, t, t, gen, variance, limit)
+        assert ours.dtype == torch.float64
+        assert rel_err(ours, theirs) < 1e-12, t
+
+
+@pytest.mark.parametrize("prediction,dvariance,limit",
+                         list(itertools.product(PREDICTIONS, VARIANCES, LIMITS)))
+def test_matches_diffusers_step_float32(prediction, dvariance, limit, gen):
+    """In float32 both are within float32 rounding of the float64 truth; diffusers' float32 tables
+    lose digits at small t (1 - abar_t / abar_{t-1} cancels), ours are rounded from float64."""
+    sched = make_scheduler(prediction, dvariance, limit, torch.float32)
+    schedule = df.NoiseSchedule.from_diffusers(sched)
+    variance = VARIANCES[dvariance]
+    C = 3
+    x = torch.randn(2, C, 5, 7, generator=gen)
+    out = torch.randn(2, 2 * C if variance == "learned_range" else C, 5, 7, generator=gen)
+    for t in (0, 1, 2, 500, 999):
+        noise = torch.randn(x.shape, generator=torch.Generator().set_state(gen.get_state()))
+        ours, theirs = step_both(sched, schedule, x, out, t, t, gen, variance, limit)
+        truth = df.reference.p_step(
+            x.double(), out.double(), t, schedule, noise=noise.double(), prediction=prediction, variance=variance,
+            clip_sample=limit.startswith("clip"), clip_range=sched.config.clip_sample_range,
+            thresholding=limit == "threshold", dynamic_thresholding_ratio=0.9, sample_max_value=1.5)
+        assert ours.dtype == torch.float32
+        err_ours, err_theirs = rel_err(ours, truth), rel_err(theirs, truth)
+        assert err_ours < 1e-6, t
+        assert err_ours <= 2 * err_theirs + 1e-7, t
+
+
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+@pytest.mark.parametrize("dvariance", ["fixed_small", "learned_range"])
+def test_matches_diffusers_respaced(spacing, dvariance, gen):
+    sched = diffusers.DDPMScheduler(variance_type=dvariance, timestep_spacing=spacing)
+    sched.set_timesteps(25)
+    sched.betas = sched.betas.double()
+    sched.alphas_cumprod = torch.cumprod(1.0 - sched.betas, 0)
+    sched.one = torch.tensor(1.0, dtype=torch.float64)
+    ts = sched.timesteps.tolist()
+    schedule = df.NoiseSchedule(sched.betas).respace(ts)
+    index = {t: k for k, t in enumerate(sorted(ts))}
+    C = 3
+    x = torch.randn(1, C, 4, 4, generator=gen, dtype=torch.float64)
+    for t in ts:
+        out = torch.randn(1, 2 * C if dvariance == "learned_range" else C, 4, 4, generator=gen, dtype=torch.float64)
+        ours, theirs = step_both(sched, schedule, x, out, t, index[t], gen, dvariance, "clip")
+        if index[t] == 0 and t > 0:
+            # "trailing" ends on t = 39, not 0: diffusers still adds noise there (sigma from a clamped
+            # beta~ = 1e-20, which learned_range mixes into a large one); the respaced chain's last
+            # step, like improved DDPM's, adds none.
+            mean = df.reference.p_step(x, out, 0, schedule, noise=torch.zeros_like(x), variance=dvariance)
+            assert torch.equal(ours, mean)
+            continue
+        assert rel_err(ours, theirs) < 1e-12, t
+        x = theirs
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("limit", ["none", "clip", "threshold"])
+def test_eps_form_equals_posterior_form(prediction, limit, gen):
+    s = df.NoiseSchedule.linear(1000)
+    x = torch.randn(3, 2, 6, 6, generator=gen, dtype=torch.float64)
+    out = torch.randn(3, 2, 6, 6, generator=gen, dtype=torch.float64)
+    t = torch.tensor([0, 37, 999])
+    kw = dict(seed=5, prediction=prediction, clip_sample=limit == "clip", thresholding=limit == "threshold")
+    a = df.reference.p_step(x, out, t, s, form="posterior", **kw)
+    b = df.reference.p_step(x, out, t, s, form="eps", **kw)
+    assert rel_err(b, a) < 1e-12
+
+
+def test_no_noise_at_t0_and_noise_elsewhere(gen):
+    s = df.NoiseSchedule.linear(1000)
+    x = torch.randn(2, 3, 4, 4, generator=gen)
+    out = torch.randn(2, 3, 4, 4, generator=gen)
+    t = torch.tensor([0, 10])
+    a = df.reference.p_step(x, out, t, s, seed=1)
+    b = df.reference.p_step(x, out, t, s, seed=2)
+    assert torch.equal(a[0], b[0])
+    assert not torch.equal(a[1], b[1])
+
+
+def test_seed_draws_the_contract_noise(gen):
+    s = df.NoiseSchedule.linear(1000)
+    x = torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64)
+    out = torch.randn(4, 3, 5, 5, generator=gen, dtype=torch.float64)
+    t = torch.tensor([3, 4, 5, 6])
+    z = df.philox_randn(x.shape, 77, t=t, stream=0, sample_offset=9, dtype=torch.float64)
+    a = df.reference.p_step(x, out, t, s, seed=77, sample_offset=9)
+    b = df.reference.p_step(x, out, t, s, noise=z)
+    assert rel_err(a, b) < 1e-7  # the seeded path draws fp32 normals
+
+
+def test_batch_invariance(gen):
+    s = df.NoiseSchedule.linear(1000)
+    x = torch.randn(8, 3, 5, 5, generator=gen)
+    out = torch.randn(8, 3, 5, 5, generator=gen)
+    t = torch.randint(0, 1000, (8,), generator=gen)
+    whole = df.p_step(x, out, t, s, seed=3)
+    halves = torch.cat([df.p_step(x[:4], out[:4], t[:4], s, seed=3),
+                        df.p_step(x[4:], out[4:], t[4:], s, seed=3, sample_offset=4)])
+    assert torch.equal(whole, halves)
+
+
+def test_inputs_untouched(gen):
+    s = df.NoiseSchedule.linear(1000)
+    x = torch.randn(2, 3, 4, 4, generator=gen)
+    out = torch.randn(2, 6, 4, 4, generator=gen) * 3
+    x0, out0 = x.clone(), out.clone()
+    df.p_step(x, out, 5, s, seed=0, variance="learned_range", thresholding=True)
+    assert torch.equal(x, x0) and torch.equal(out, out0)
+
+
+BAD = [
+    (dict(model_output=torch.randn(2, 3, 4, 5)), ValueError, "model_output"),
+    (dict(model_output=torch.randn(2, 3, 4, 4, dtype=torch.float64)), TypeError, "model_output"),
+    (dict(variance="learned_range"), ValueError, "2C channels"),
+    (dict(x_t=torch.zeros(2, 3, 4, 4, dtype=torch.int64)), TypeError, "x_t"),
+    (dict(t=1000), ValueError, r"t: .*\[0, 1000\)"),
+    (dict(t=-1), ValueError, "t: "),
+    (dict(t=torch.tensor([1, 2, 3])), ValueError, "t: "),
+    (dict(t=torch.tensor([1.0, 2.0])), TypeError, "t: "),
+    (dict(t=torch.tensor([5, 1000])), ValueError, "t: "),
+    (dict(prediction="noise"), ValueError, "prediction"),
+    (dict(variance="learned"), ValueError, "variance"),
+    (dict(form="ddim"), ValueError, "form"),
+    (dict(clip_range=0.0), ValueError, "clip_range"),
+    (dict(noise=torch.randn(2, 3, 4)), ValueError, "noise"),
+    (dict(noise=torch.randn(2, 3, 4, 4), seed=1), ValueError, "noise, seed"),
+    (dict(seed=-1), ValueError, "seed"),
+    (dict(sample_offset=-2), ValueError, "sample_offset"),
+    (dict(schedule="linear"), TypeError, "schedule"),
+    (dict(backend="tpu"), ValueError, "backend"),
+    (dict(t=torch.tensor([1, 2], device="meta")), ValueError, "t: .*device|t: expected a tensor on"),
+]
+
+
+@pytest.mark.parametrize("kw,exc,match", BAD, ids=[f"{i}-{b[2][:12]}" for i, b in enumerate(BAD)])
+def test_bad_input(kw, exc, match):
+    args = dict(x_t=torch.randn(2, 3, 4, 4), model_output=torch.randn(2, 3, 4, 4), t=5,
+                schedule=df.NoiseSchedule.linear(1000))
+    args.update(kw)
+    with pytest.raises(exc, match=match):
+        df.p_step(**args)
