@@ -18,6 +18,10 @@ DEFAULT_ARCHS = "8.0;9.0+PTX"
 def extension_modules():
     if os.environ.get("DDPM_FAST_NO_EXT") == "1":
         return [], {}
+    # torch finds CUDA_HOME from nvcc on PATH; a wrapper script there (/usr/local/bin/nvcc) would
+    # make it /usr/local, so prefer the toolkit's usual home when CUDA_HOME is unset.
+    if "CUDA_HOME" not in os.environ and os.path.isfile("/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
     import torch
     from torch.utils import cpp_extension as ce
 

@@ -17,8 +17,8 @@ from . import reference as ref
 from .reference.attention import attention_math, check_attention
 from .reference.group_norm import check_group_norm, group_norm_math
 from .reference.p_step import check_p_step, p_step_math
-from .reference.philox import STREAM_STEP, split_seed
-from .reference.q_sample import check_q_sample, q_sample_math
+from .reference.philox import STREAM_Q_SAMPLE, STREAM_STEP, split_seed
+from .reference.q_sample import check_q_sample, draw_seed, q_sample_math
 from .schedule import DeviceTables, NoiseSchedule
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
@@ -124,6 +124,16 @@ def philox_randn(
 
 
 # ----------------------------------------------------------------- diffusion steps
+def _contract_noise(noise, seed, like, t_vec, stream, sample_offset):
+    """Until an op has a fused kernel, its noise comes from the fastest philox_randn backend
+    (the same numbers the reference would draw, to ~1e-6) and its math from the reference."""
+    if noise is not None:
+        return noise
+    seed = draw_seed() if seed is None else seed
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return philox_randn(like.shape, seed, t_vec, stream, sample_offset, like.device, dtype)
+
+
 def q_sample(
     x0: torch.Tensor,
     t: Union[int, torch.Tensor],
@@ -137,7 +147,8 @@ def q_sample(
     """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (see ddpm_fast.reference.q_sample)."""
     t_vec, sched = check_q_sample(x0, t, schedule, noise, seed, sample_offset)
     pick_backend("q_sample", backend, x0.device, x0.dtype)
-    return q_sample_math(x0, t_vec, sched, noise, seed, sample_offset, return_noise)
+    noise = _contract_noise(noise, seed, x0, t_vec, STREAM_Q_SAMPLE, sample_offset)
+    return q_sample_math(x0, t_vec, sched, noise, None, sample_offset, return_noise)
 
 
 def p_step(
@@ -163,7 +174,8 @@ def p_step(
             dynamic_thresholding_ratio, sample_max_value)
     t_vec, sched = check_p_step(x_t, model_output, t, schedule, *args)
     pick_backend("p_step", backend, x_t.device, x_t.dtype)
-    return p_step_math(x_t, model_output, t_vec, sched, *args)
+    noise = _contract_noise(noise, seed, x_t, t_vec, STREAM_STEP, sample_offset)
+    return p_step_math(x_t, model_output, t_vec, sched, noise, None, *args[2:])
 
 
 # ------------------------------------------------------------------- U-Net layers

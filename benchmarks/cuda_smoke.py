@@ -1,0 +1,35 @@
+"""One small call of every CUDA kernel, checked against the CPU: run under
+`compute-sanitizer --tool memcheck` by gpu_validate.sh.  Odd sizes on purpose (partial
+groups of 4, partial blocks)."""
+
+import sys
+
+import torch
+
+import ddpm_fast as df
+
+
+def main() -> int:
+    if df.available_backends()["cuda"] is not True:
+        print(f"cuda backend unavailable: {df.available_backends()['cuda']}")
+        return 1
+    failures = 0
+    t = torch.tensor([0, 999, 17], device="cuda")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        z = df.philox_randn((3, 3, 5, 7), 2**63 + 5, t=t, stream=1, sample_offset=9, dtype=dtype, backend="cuda")
+        ref = df.philox_randn((3, 3, 5, 7), 2**63 + 5, t=t.cpu(), stream=1, sample_offset=9, backend="reference")
+        err = (z.float().cpu() - ref).abs().max().item()
+        ok = err <= 1e-6 + torch.finfo(dtype).eps * 4
+        failures += not ok
+        print(f"philox_randn {dtype}: max abs diff {err:.2e} {'ok' if ok else 'FAIL'}")
+    c = torch.randint(0, 2**32, (37, 4))
+    k = torch.randint(0, 2**32, (37, 2))
+    same = torch.equal(torch.ops.ddpm_fast.philox4x32(c.cuda(), k.cuda()).cpu(), torch.ops.ddpm_fast.philox4x32(c, k))
+    failures += not same
+    print(f"philox4x32: {'ok' if same else 'FAIL'}")
+    torch.cuda.synchronize()
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Benchmark harness: the machine's floors, timing, and result files (DESIGN.md §4).
+
+Every run measures its own floors (a large device-to-device copy for bandwidth, a large
+matmul for compute) so each row can say what fraction of this machine it reaches.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+
+# ------------------------------------------------------------------------- timing
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, min_time_s: float = 0.2,
+            max_reps: int = 200) -> Dict[str, float]:
+    """Median and 20th/80th percentile milliseconds of fn().
+
+    GPU: triton.testing.do_bench (L2 flushed between runs) when Triton is present, else CUDA
+    events.  CPU: wall clock over repeats after two warm-up calls.
+    """
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+
+            p50, p20, p80 = do_bench(fn, quantiles=[0.5, 0.2, 0.8], rep=max(25, int(min_time_s * 1000)))
+            return {"median_ms": p50, "p20_ms": p20, "p80_ms": p80}
+        except ImportError:
+            pass
+    fn()
+    fn()
+    sync(device)
+    times: List[float] = []
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < min_time_s and len(times) < max_reps):
+        if device.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(times, n=10) if len(times) >= 2 else times * 9
+    return {"median_ms": statistics.median(times), "p20_ms": q[1], "p80_ms": q[7]}
+
+
+# ------------------------------------------------------------------------- floors
+def measure_floors(device: torch.device, quick: bool = False) -> Dict[str, float]:
+    """Copy bandwidth (GB/s, read + write counted) and matmul throughput (TFLOP/s)."""
+    n_bytes = (1 << 30 if device.type == "cuda" else 128 << 20) // (4 if quick else 1)
+    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    copy = time_fn(lambda: dst.copy_(src), device)
+    if device.type == "cuda":
+        n, dtype = 8192, torch.bfloat16
+    else:
+        n, dtype = (512 if quick else 1024), torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    mm = time_fn(lambda: a @ b, device)
+    return {
+        "copy_bytes": 2 * n_bytes,
+        "copy_gbps": 2 * n_bytes / copy["median_ms"] / 1e6,
+        "matmul_n": n,
+        "matmul_dtype": str(dtype).replace("torch.", ""),
+        "matmul_tflops": 2 * n**3 / mm["median_ms"] / 1e9,
+    }
+
+
+# --------------------------------------------------------------------------- rows
+@dataclass
+class Row:
+    op: str
+    size: str
+    impl: str
+    numel: int
+    dtype: str
+    bytes: int
+    flops: int
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    gbps: float = 0.0
+    frac_copy_floor: float = 0.0
+    tflops: float = 0.0
+    frac_matmul_floor: float = 0.0
+    baseline: bool = False
+    vs: Dict[str, float] = field(default_factory=dict)  # baseline impl -> its time / this time
+
+
+def finish_rows(rows: List[Row], floors: Dict[str, float]) -> None:
+    for r in rows:
+        s = r.median_ms / 1e3
+        r.gbps = r.bytes / s / 1e9
+        r.frac_copy_floor = r.gbps / floors["copy_gbps"]
+        r.tflops = r.flops / s / 1e12
+        r.frac_matmul_floor = r.tflops / floors["matmul_tflops"]
+    for r in rows:
+        r.vs = {b.impl: b.median_ms / r.median_ms for b in rows
+                if b.baseline and b.op == r.op and b.size == r.size and b is not r}
+
+
+# ------------------------------------------------------------------------ metadata
+def metadata(device: torch.device, command: str) -> Dict[str, object]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    from .. import _ext
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "device_name": name,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "python": sys.version.split()[0],
+        "extension": _ext.BUILD_INFO,
+        "git_commit": commit,
+        "command": command,
+    }
+
+
+# --------------------------------------------------------------------------- files
+def write_results(name: str, rows: List[Row], floors: Dict[str, float], meta: Dict[str, object],
+                  out_dir: str) -> Dict[str, str]:
+    """Write NAME.json, NAME.md and NAME.png (bandwidth vs size, and a roofline) under out_dir."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {ext: os.path.join(out_dir, f"{name}.{ext}") for ext in ("json", "md", "png")}
+    with open(paths["json"], "w") as f:
+        json.dump({"meta": meta, "floors": floors, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    with open(paths["md"], "w") as f:
+        f.write(markdown(rows, floors, meta))
+    plot(rows, floors, meta, paths["png"])
+    return paths
+
+
+def markdown(rows: List[Row], floors: Dict[str, float], meta: Dict[str, object]) -> str:
+    lines = [
+        f"Device: {meta['device_name']} ({meta['device']}), torch {meta['torch']}, triton {meta['triton']}, "
+        f"CUDA {meta['cuda']}, commit {str(meta['git_commit'])[:10]}, {meta['date']}",
+        f"Command: `{meta['command']}`",
+        f"Floors measured in this run: copy {floors['copy_gbps']:.1f} GB/s, "
+        f"{floors['matmul_dtype']} matmul {floors['matmul_tflops']:.2f} TFLOP/s",
+        "",
+        "| op | size | impl | median ms | GB/s | % copy floor | vs baselines (their time / this) |",
+        "| --- | --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        vs = ", ".join(f"{k} {v:.2f}x" for k, v in r.vs.items())
+        lines.append(f"| {r.op} | {r.size} | {r.impl}{' (baseline)' if r.baseline else ''} | {r.median_ms:.4f} | "
+                     f"{r.gbps:.2f} | {100 * r.frac_copy_floor:.1f}% | {vs} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: List[Row], floors: Dict[str, float], meta: Dict[str, object], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ops = sorted({r.op for r in rows})
+    fig, axes = plt.subplots(1, len(ops) + 1, figsize=(6 * (len(ops) + 1), 4.5), squeeze=False)
+    for ax, op in zip(axes[0], ops):
+        for impl in sorted({r.impl for r in rows if r.op == op}):
+            pts = sorted((r.numel, r.gbps) for r in rows if r.op == op and r.impl == impl)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+        ax.axhline(floors["copy_gbps"], color="k", ls="--", lw=1, label="copy floor")
+        ax.set(xscale="log", yscale="log", xlabel="elements", ylabel="GB/s", title=f"{op}: bandwidth")
+        ax.legend(fontsize=8)
+    ax = axes[0][-1]
+    peak_bw, peak_fl = floors["copy_gbps"] * 1e9, floors["matmul_tflops"] * 1e12
+    xs = [2.0**k for k in range(-6, 12)]
+    ax.plot(xs, [min(peak_fl, x * peak_bw) / 1e12 for x in xs], "k--", lw=1, label="roofline (measured floors)")
+    for r in rows:
+        if r.flops and r.bytes:
+            ax.scatter(r.flops / r.bytes, r.tflops, s=14, label=f"{r.op}/{r.impl}/{r.size}")
+    ax.set(xscale="log", yscale="log", xlabel="FLOP / byte", ylabel="TFLOP/s", title="roofline")
+    ax.legend(fontsize=5, ncol=2)
+    fig.suptitle(f"{meta['device_name']} — torch {meta['torch']} — {meta['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
