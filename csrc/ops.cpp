@@ -10,4 +10,14 @@ TORCH_LIBRARY(ddpm_fast, m) {
         "ScalarType dtype) -> Tensor");
   // Raw Philox4x32-10 words: counter int64 [N, 4], key int64 [N, 2], each holding uint32.
   m.def("philox4x32(Tensor counter, Tensor key) -> Tensor");
+  // x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; eps from noise or Philox stream 1.  Returns
+  // (x_t, eps), eps empty unless return_noise.  table: the schedule's float32 [rows, T] table.
+  m.def("q_sample(Tensor x0, Tensor t, Tensor table, Tensor? noise, int seed, int sample_offset, "
+        "bool return_noise, bool channels_last) -> (Tensor, Tensor)");
+  // One reverse step (csrc/include/ddpm_fast/step.h); noise from `noise` or Philox stream 0.
+  // prediction 0 eps / 1 sample / 2 v; variance 0 fixed_small / 1 fixed_large / 2 learned_range;
+  // form 0 posterior / 1 eps (Algorithm 2).
+  m.def("p_step(Tensor x_t, Tensor model_output, Tensor t, Tensor table, Tensor? noise, int seed, "
+        "int sample_offset, int prediction, int variance, int form, bool clip_sample, float clip_range, "
+        "bool channels_last) -> Tensor");
 }

@@ -26,8 +26,8 @@ BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 # Which backends have a kernel for each op.  The reference has every op.
 KERNELS = {
     "philox_randn": ("cpu", "cuda", "triton"),
-    "q_sample": (),
-    "p_step": (),
+    "q_sample": ("cpu", "cuda", "triton"),
+    "p_step": ("cpu", "cuda", "triton"),
     "group_norm": (),
     "attention": (),
 }
@@ -118,12 +118,35 @@ def philox_randn(
         from .triton.philox import philox_randn as tri
 
         return tri(t_vec, tuple(shape[1:]), seed, stream, sample_offset, dtype)
-    signed_seed = seed - 2**64 if seed >= 2**63 else seed
-    return torch.ops.ddpm_fast.philox_randn(t_vec.contiguous(), list(shape[1:]), signed_seed, stream, sample_offset,
-                                            dtype)
+    return torch.ops.ddpm_fast.philox_randn(t_vec.contiguous(), list(shape[1:]), _kernel_seed(seed, None), stream,
+                                            sample_offset, dtype)
 
 
 # ----------------------------------------------------------------- diffusion steps
+def _layout(x: torch.Tensor):
+    """(x in a layout the kernels take, channels_last?): NCHW-contiguous and channels_last pass as
+    they are; anything else is copied to contiguous NCHW."""
+    if x.is_contiguous():
+        return x, False
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x, True
+    return x.contiguous(), False
+
+
+def _like_layout(a: Optional[torch.Tensor], x: torch.Tensor, channels_last: bool) -> Optional[torch.Tensor]:
+    """a in x's dtype and layout (a copy only when it differs)."""
+    if a is None:
+        return None
+    a = a.to(x.dtype)
+    return a.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _kernel_seed(seed: Optional[int], noise: Optional[torch.Tensor]) -> int:
+    """The uint64 seed as the int64 the op schemas carry (0 when noise is passed in)."""
+    seed = (draw_seed() if seed is None else seed) if noise is None else 0
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
 def _contract_noise(noise, seed, like, t_vec, stream, sample_offset):
     """Until an op has a fused kernel, its noise comes from the fastest philox_randn backend
     (the same numbers the reference would draw, to ~1e-6) and its math from the reference."""
@@ -146,9 +169,20 @@ def q_sample(
 ):
     """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (see ddpm_fast.reference.q_sample)."""
     t_vec, sched = check_q_sample(x0, t, schedule, noise, seed, sample_offset)
-    pick_backend("q_sample", backend, x0.device, x0.dtype)
-    noise = _contract_noise(noise, seed, x0, t_vec, STREAM_Q_SAMPLE, sample_offset)
-    return q_sample_math(x0, t_vec, sched, noise, None, sample_offset, return_noise)
+    which = pick_backend("q_sample", backend, x0.device, x0.dtype)
+    if which == "reference":
+        noise = _contract_noise(noise, seed, x0, t_vec, STREAM_Q_SAMPLE, sample_offset)
+        return q_sample_math(x0, t_vec, sched, noise, None, sample_offset, return_noise)
+    x0, channels_last = _layout(x0)
+    noise = _like_layout(noise, x0, channels_last)
+    args = (x0, t_vec.contiguous(), sched.to(x0.device).table, noise, _kernel_seed(seed, noise), sample_offset,
+            bool(return_noise), channels_last)
+    if which == "triton":
+        from .triton.q_sample import q_sample as kernel
+    else:
+        kernel = torch.ops.ddpm_fast.q_sample
+    x_t, eps = kernel(*args)
+    return (x_t, eps) if return_noise else x_t
 
 
 def p_step(
@@ -173,9 +207,25 @@ def p_step(
     args = (noise, seed, sample_offset, prediction, variance, clip_sample, clip_range, form, thresholding,
             dynamic_thresholding_ratio, sample_max_value)
     t_vec, sched = check_p_step(x_t, model_output, t, schedule, *args)
-    pick_backend("p_step", backend, x_t.device, x_t.dtype)
-    noise = _contract_noise(noise, seed, x_t, t_vec, STREAM_STEP, sample_offset)
-    return p_step_math(x_t, model_output, t_vec, sched, noise, None, *args[2:])
+    which = pick_backend("p_step", backend, x_t.device, x_t.dtype)
+    if thresholding and which != "reference":
+        if backend != "auto":
+            raise BackendUnavailableError(f"backend={backend!r}: dynamic thresholding needs a per-sample quantile "
+                                          "and runs on the reference; use backend='auto' or 'reference'")
+        which = "reference"
+    if which == "reference":
+        noise = _contract_noise(noise, seed, x_t, t_vec, STREAM_STEP, sample_offset)
+        return p_step_math(x_t, model_output, t_vec, sched, noise, None, *args[2:])
+    x_t, channels_last = _layout(x_t)
+    kernel_args = (x_t, _like_layout(model_output, x_t, channels_last), t_vec.contiguous(),
+                   sched.to(x_t.device).table, _like_layout(noise, x_t, channels_last), _kernel_seed(seed, noise),
+                   sample_offset, _checks.PREDICTIONS.index(prediction), _checks.VARIANCES.index(variance),
+                   _checks.FORMS.index(form), bool(clip_sample), float(clip_range), channels_last)
+    if which == "triton":
+        from .triton.p_step import p_step as kernel
+    else:
+        kernel = torch.ops.ddpm_fast.p_step
+    return kernel(*kernel_args)
 
 
 # ------------------------------------------------------------------- U-Net layers

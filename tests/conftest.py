@@ -39,3 +39,43 @@ def gen():
     g = torch.Generator()
     g.manual_seed(int.from_bytes(os.urandom(4), "little"))
     return g
+
+
+KERNEL_BACKENDS = [
+    pytest.param("cpu", marks=needs("cpu")),
+    pytest.param("triton", marks=[needs("triton"), pytest.mark.triton]),
+    pytest.param("cuda", marks=[needs("cuda"), pytest.mark.cuda]),
+]
+
+
+def backend_device(backend: str) -> str:
+    return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
+
+
+@pytest.fixture
+def poison():
+    """Uninitialised tensors come back NaN-filled (torch's deterministic mode), so an element a
+    kernel forgets to write fails the comparison."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+def layout(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """x in one of the layouts the ops take: contiguous, channels_last, or a non-contiguous view."""
+    if kind == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if kind == "strided":
+        return x.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, non-contiguous
+    return x.contiguous()
+
+
+def store_slack(backend: str, dtype: torch.dtype) -> float:
+    """How many times the rounding error of an output store to allow.  Triton's CPU interpreter
+    converts float32 to bfloat16 by truncation (seen on triton 3.6 and 3.8), where GPUs round to
+    nearest even: up to twice the rounding error, so bf16 bounds double there and only there."""
+    interpreted = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+    return 2.0 if interpreted and dtype == torch.bfloat16 else 1.0

@@ -193,3 +193,141 @@ def test_bad_input(kw, exc, match):
     args.update(kw)
     with pytest.raises(exc, match=match):
         df.p_step(**args)
+
+
+# ----------------------------------------------------------------- fused kernels
+from conftest import KERNEL_BACKENDS, backend_device, layout, store_slack  # noqa: E402
+
+OPTION_SETS = list(itertools.product(PREDICTIONS, ["fixed_small", "fixed_large", "learned_range"], [False, True],
+                                     ["posterior", "eps"]))
+
+
+def kernel_vs_reference(backend, dtype, shape, fmt, gen, prediction="epsilon", variance="fixed_small",
+                        clip_sample=True, form="posterior", t=None, clip_range=1.0):
+    dev = backend_device(backend)
+    s = df.NoiseSchedule.linear(1000)
+    B, C = shape[:2]
+    x = layout(torch.randn(shape, generator=gen).to(dev, dtype), fmt)
+    oshape = (B, 2 * C, *shape[2:]) if variance == "learned_range" else shape
+    out = layout((torch.randn(oshape, generator=gen) * 1.5).to(dev, dtype), fmt)
+    if t is None:
+        t = torch.randint(0, 1000, (B,), generator=gen)
+        t[0] = 0  # always cover the no-noise step
+    t = t.to(dev)
+    seed = int(torch.randint(0, 2**62, (), generator=gen)) * 4 + 1
+    x_in, out_in = x.clone(), out.clone()
+    kw = dict(prediction=prediction, variance=variance, clip_sample=clip_sample, clip_range=clip_range, form=form)
+    y = df.p_step(x, out, t, s, seed=seed, sample_offset=3, backend=backend, **kw)
+    assert torch.equal(x, x_in) and torch.equal(out, out_in), "inputs modified"
+    z = df.philox_randn(shape, seed, t=t, stream=0, sample_offset=3, backend=backend)
+    ref = df.reference.p_step(x.double(), out.double(), t, s, noise=z.double(), **kw)
+    eager = df.reference.p_step(x, out, t, s, noise=z.to(dtype), **kw)  # PyTorch in this dtype
+    assert y.dtype == dtype and y.shape == x.shape and y.device == x.device
+    if fmt == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    err = rel_err(y, ref)
+    bound = 1e-5 if dtype == torch.float32 else store_slack(backend, dtype) * max(
+        2 * rel_err(eager, ref), torch.finfo(dtype).eps / 2)  # the flash-attention rule, or one output rounding
+    assert err <= bound, (err, bound)
+    return y
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("prediction,variance,clip_sample,form", OPTION_SETS)
+def test_kernel_every_option(backend, prediction, variance, clip_sample, form, gen, poison):
+    kernel_vs_reference(backend, torch.float32, (2, 3, 5, 7), "contiguous", gen, prediction, variance, clip_sample,
+                        form, clip_range=1.3)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("shape", [(1, 3, 8, 8), (3, 5, 3, 7), (2, 4, 1, 1)], ids=["b1-vec", "odd", "hw1"])
+@pytest.mark.parametrize("variance", ["fixed_small", "learned_range"])
+def test_kernel_dtypes_layouts_shapes(backend, dtype, fmt, shape, variance, gen, poison):
+    kernel_vs_reference(backend, dtype, shape, fmt, gen, variance=variance, prediction="v_prediction")
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_other_ranks_and_scalar_t(backend, gen, poison):
+    dev = backend_device(backend)
+    s = df.NoiseSchedule.cosine(50)
+    x = torch.randn(3, 10, generator=gen).to(dev)  # [B, D]
+    out = torch.randn(3, 10, generator=gen).to(dev)
+    y = df.p_step(x, out, 7, s, seed=1, backend=backend)
+    z = df.philox_randn((3, 10), 1, t=7, backend=backend, device=dev)
+    assert rel_err(y, df.reference.p_step(x.double(), out.double(), 7, s, noise=z.double())) < 1e-5
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_passed_noise(backend, gen, poison):
+    dev = backend_device(backend)
+    s = df.NoiseSchedule.linear(1000)
+    x, out, z = (torch.randn(2, 3, 4, 5, generator=gen).to(dev) for _ in range(3))
+    t = torch.tensor([0, 400], device=dev)
+    y = df.p_step(x, out, t, s, noise=z, backend=backend, variance="fixed_large")
+    ref = df.reference.p_step(x.double(), out.double(), t, s, noise=z.double(), variance="fixed_large")
+    assert rel_err(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_batch_invariance(backend, gen):
+    dev = backend_device(backend)
+    s = df.NoiseSchedule.linear(1000)
+    x, out = (torch.randn(8, 3, 6, 6, generator=gen).to(dev) for _ in range(2))
+    t = torch.randint(0, 1000, (8,), generator=gen).to(dev)
+    whole = df.p_step(x, out, t, s, seed=3, backend=backend)
+    halves = torch.cat([df.p_step(x[:4], out[:4], t[:4], s, seed=3, backend=backend),
+                        df.p_step(x[4:], out[4:], t[4:], s, seed=3, sample_offset=4, backend=backend)])
+    assert torch.equal(whole, halves)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_noise_statistics(backend):
+    """sigma_t z recovered from the step is N(0, sigma_t^2), independent across samples and steps."""
+    dev = backend_device(backend)
+    s = df.NoiseSchedule.linear(1000)
+    B, n = 16, 1024
+    x = torch.zeros(B, 1, 32, 32, device=dev)
+    out = torch.zeros(B, 1, 32, 32, device=dev)
+    def noise_at(t):
+        tt = torch.full((B,), t, device=dev)
+        y = df.p_step(x, out, tt, s, seed=11, clip_sample=False, backend=backend)
+        mean = df.p_step(x, out, tt, s, noise=torch.zeros_like(x), clip_sample=False, backend=backend)
+        return ((y - mean) / s.posterior_variance[t].sqrt().item()).reshape(B, n).double().cpu()
+    z1, z2 = noise_at(500), noise_at(501)
+    N = z1.numel()
+    assert abs(z1.mean().item()) < 5 / N**0.5
+    assert abs(z1.var().item() - 1) < 5 * (2 / N) ** 0.5
+    c = torch.corrcoef(torch.cat([z1, z2]))  # 32 series of 1024 draws
+    off = c - torch.eye(2 * B, dtype=c.dtype)
+    assert off.abs().max().item() < 5 / n**0.5
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_thresholding_routes_to_reference(backend, gen):
+    s = df.NoiseSchedule.linear(1000)
+    dev = backend_device(backend)
+    x, out = (torch.randn(2, 3, 4, 4, generator=gen).to(dev) for _ in range(2))
+    with pytest.raises(df.BackendUnavailableError, match="thresholding"):
+        df.p_step(x, out, 5, s, seed=0, thresholding=True, backend=backend)
+    y = df.p_step(x, out, 5, s, seed=0, thresholding=True)  # auto: the reference
+    assert torch.isfinite(y).all()
+
+
+def test_kernel_opcheck_and_compile():
+    pytest.importorskip("ddpm_fast._C")
+    if df.available_backends()["cpu"] is not True:
+        pytest.skip("extension not built")
+    s = df.NoiseSchedule.linear(1000)
+    table = s.to("cpu").table
+    x, out = torch.randn(2, 3, 4, 4), torch.randn(2, 6, 4, 4)
+    t = torch.tensor([0, 9])
+    torch.library.opcheck(torch.ops.ddpm_fast.p_step.default,
+                          (x, out, t, table, None, 5, 0, 0, 2, 0, True, 1.0, False))
+    torch.library.opcheck(torch.ops.ddpm_fast.q_sample.default, (x, t, table, None, 5, 0, True, False))
+
+    def step(x, out, t):
+        return df.p_step(x, out, t, s, seed=5, variance="learned_range", backend="cpu")
+
+    assert torch.equal(torch.compile(step, fullgraph=True)(x, out, t), step(x, out, t))

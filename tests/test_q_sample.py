@@ -52,3 +52,48 @@ def test_bad_input(kw, exc, match):
     args.update(kw)
     with pytest.raises(exc, match=match):
         df.q_sample(**args)
+
+
+# ----------------------------------------------------------------- fused kernels
+from conftest import KERNEL_BACKENDS, backend_device, layout, store_slack  # noqa: E402
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("shape", [(1, 3, 8, 8), (3, 5, 3, 7)], ids=["b1-vec", "odd"])
+@pytest.mark.parametrize("return_noise", [False, True])
+def test_kernel_matches_reference(backend, dtype, fmt, shape, return_noise, gen, poison):
+    dev = backend_device(backend)
+    s = df.NoiseSchedule.cosine(1000)
+    x0 = layout(torch.randn(shape, generator=gen).to(dev, dtype), fmt)
+    x_in = x0.clone()
+    t = torch.randint(0, 1000, (shape[0],), generator=gen).to(dev)
+    seed = int(torch.randint(0, 2**62, (), generator=gen))
+    res = df.q_sample(x0, t, s, seed=seed, sample_offset=5, return_noise=return_noise, backend=backend)
+    assert torch.equal(x0, x_in)
+    x_t, eps = res if return_noise else (res, None)
+    z = df.philox_randn(shape, seed, t=t, stream=1, sample_offset=5, backend=backend)
+    ref = df.reference.q_sample(x0.double(), t, s, noise=z.double())
+    eager = df.reference.q_sample(x0, t, s, noise=z.to(dtype))
+    assert x_t.dtype == dtype and x_t.shape == x0.shape
+    bound = 1e-5 if dtype == torch.float32 else store_slack(backend, dtype) * max(
+        2 * rel_err(eager, ref), torch.finfo(dtype).eps / 2)  # the flash-attention rule, or one output rounding
+    assert rel_err(x_t, ref) <= bound
+    if return_noise:  # eps is exactly the contract noise, rounded once to the output dtype
+        ulp = torch.finfo(dtype).eps * store_slack(backend, dtype) if dtype != torch.float32 else 0.0
+        assert ((eps.float() - z).abs() <= ulp * z.abs()).all()
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_passed_noise_and_batch_invariance(backend, gen, poison):
+    dev = backend_device(backend)
+    s = df.NoiseSchedule.linear(1000)
+    x0, eps = (torch.randn(6, 3, 5, 5, generator=gen).to(dev) for _ in range(2))
+    t = torch.randint(0, 1000, (6,), generator=gen).to(dev)
+    y = df.q_sample(x0, t, s, noise=eps, backend=backend)
+    assert rel_err(y, df.reference.q_sample(x0.double(), t, s, noise=eps.double())) < 1e-6
+    whole = df.q_sample(x0, t, s, seed=8, backend=backend)
+    parts = torch.cat([df.q_sample(x0[:2], t[:2], s, seed=8, backend=backend),
+                       df.q_sample(x0[2:], t[2:], s, seed=8, sample_offset=2, backend=backend)])
+    assert torch.equal(whole, parts)

@@ -1,0 +1,187 @@
+// q_sample and the reverse step on the CPU, one pass over memory, noise drawn in registers.
+//
+//   p_step:   x_{t-1}[b, j] = step(x_t[b, j], out[b, j] (, out[b, C + ...]), z[b, j]; coefs[t_b])
+//   q_sample: x_t[b, j] = sqrt(abar) x0[b, j] + sqrt(1 - abar) eps[b, j]  (eps written only if asked)
+// j runs over one sample in NCHW order (the noise contract's element index).
+// Work split: at::parallel_for over (sample, chunk of kChunk elements); inside, blocks of 64
+// elements: 16 Philox calls + vectorised Box-Muller into a stack buffer, then the step.
+// Bytes: p_step reads x_t and the model output (2C channels for learned_range) and writes
+// x_{t-1}: 3 * N * sizeof(T) (+ N * sizeof(T) when noise is passed in); q_sample 2 * N * sizeof(T)
+// (+ N * sizeof(T) for eps).  channels_last tensors are walked in NCHW order (strided).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "ddpm_fast/step.h"
+#include "normals.h"
+
+namespace ddpm_fast {
+namespace {
+
+constexpr int64_t kChunk = 4096;  // elements per task: a multiple of the 64-element block
+
+struct Geometry {
+  int64_t B, N, C, HW;
+  bool channels_last;
+  // Offset of NCHW element j within one sample's storage.
+  int64_t offset(int64_t j) const { return channels_last ? (j % HW) * C + j / HW : j; }
+};
+
+Geometry geometry(const at::Tensor& x, bool channels_last) {
+  TORCH_CHECK(x.dim() >= 2, "x: expected [B, C, ...]");
+  Geometry g{x.size(0), x.size(0) ? x.numel() / x.size(0) : 0, x.size(1), 0, channels_last};
+  g.HW = g.C ? g.N / g.C : 0;
+  if (channels_last) {
+    TORCH_CHECK(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast), "x: expected channels_last");
+  } else {
+    TORCH_CHECK(x.is_contiguous(), "x: expected a contiguous tensor");
+  }
+  return g;
+}
+
+void check_table(const at::Tensor& t, const at::Tensor& table, int64_t B) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == B && t.scalar_type() == at::kLong, "t: expected int64 [B]");
+  TORCH_CHECK(table.dim() == 2 && table.size(0) == kTableRows && table.scalar_type() == at::kFloat &&
+                  table.is_contiguous(),
+              "table: expected the schedule's float32 [", int(kTableRows), ", T] table");
+}
+
+// Calls body(b, j_begin, j_end) for every chunk, in parallel.
+template <typename F>
+void for_chunks(const Geometry& g, F body) {
+  const int64_t chunks = (g.N + kChunk - 1) / kChunk;
+  at::parallel_for(0, g.B * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / chunks, j0 = (task % chunks) * kChunk;
+      body(b, j0, std::min(g.N, j0 + kChunk));
+    }
+  });
+}
+
+template <typename scalar_t>
+void p_step_kernel(const Geometry& g, const scalar_t* x, const scalar_t* out, const scalar_t* noise, scalar_t* y,
+                   const int64_t* t, const float* table, int64_t T, uint64_t seed, int64_t sample_offset,
+                   const StepOptions& opt) {
+  const bool learned = opt.variance == kLearnedRange;
+  const int64_t out_stride = learned ? 2 * g.N : g.N;
+  for_chunks(g, [&](int64_t b, int64_t j0, int64_t j1) {
+    const StepCoefs k = load_coefs(table, T, t[b], opt.variance);
+    const scalar_t* xb = x + b * g.N;
+    const scalar_t* ob = out + b * out_stride;
+    scalar_t* yb = y + b * g.N;
+    float z[cpu::kBlockElems] = {};
+    for (int64_t jb = j0; jb < j1; jb += cpu::kBlockElems) {
+      const int64_t n = std::min<int64_t>(cpu::kBlockElems, j1 - jb);
+      if (noise == nullptr && k.noisy) {
+        cpu::normal_block(seed, static_cast<uint32_t>(jb / 4), static_cast<uint32_t>(b + sample_offset),
+                          static_cast<uint32_t>(clamp_t(t[b], T)), kStreamStep, z);
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t j = jb + i, m = g.offset(j);
+        int64_t mo = m, mv = m;
+        if (learned) {  // out is [B, 2C, ...] in the same layout as x
+          const int64_t c = j / g.HW, hw = j % g.HW;
+          mo = g.channels_last ? hw * 2 * g.C + c : j;
+          mv = mo + (g.channels_last ? g.C : g.N);
+        }
+        const float zi = noise ? static_cast<float>(noise[b * g.N + m]) : z[i];
+        const float v = learned ? static_cast<float>(ob[mv]) : 0.0f;
+        yb[m] = static_cast<scalar_t>(
+            p_step_element(static_cast<float>(xb[m]), static_cast<float>(ob[mo]), v, zi, k, opt));
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void q_sample_kernel(const Geometry& g, const scalar_t* x0, const scalar_t* noise, scalar_t* y, scalar_t* eps_out,
+                     const int64_t* t, const float* table, int64_t T, uint64_t seed, int64_t sample_offset) {
+  for_chunks(g, [&](int64_t b, int64_t j0, int64_t j1) {
+    const int64_t tb = clamp_t(t[b], T);
+    const float s1 = table[kSqrtAlphasCumprod * T + tb], s2 = table[kSqrtOneMinusAlphasCumprod * T + tb];
+    const int64_t base = b * g.N;
+    float z[cpu::kBlockElems];
+    for (int64_t jb = j0; jb < j1; jb += cpu::kBlockElems) {
+      const int64_t n = std::min<int64_t>(cpu::kBlockElems, j1 - jb);
+      if (noise == nullptr) {
+        cpu::normal_block(seed, static_cast<uint32_t>(jb / 4), static_cast<uint32_t>(b + sample_offset),
+                          static_cast<uint32_t>(tb), kStreamQSample, z);
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t m = base + g.offset(jb + i);
+        const float e = noise ? static_cast<float>(noise[m]) : z[i];
+        y[m] = static_cast<scalar_t>(q_sample_element(static_cast<float>(x0[m]), e, s1, s2));
+        if (eps_out) eps_out[m] = static_cast<scalar_t>(e);
+      }
+    }
+  });
+}
+
+at::MemoryFormat format_of(bool channels_last) {
+  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+at::Tensor p_step_cpu(const at::Tensor& x_t, const at::Tensor& model_output, const at::Tensor& t,
+                      const at::Tensor& table, const std::optional<at::Tensor>& noise, int64_t seed,
+                      int64_t sample_offset, int64_t prediction, int64_t variance, int64_t form, bool clip_sample,
+                      double clip_range, bool channels_last) {
+  const Geometry g = geometry(x_t, channels_last);
+  check_table(t, table, g.B);
+  const int64_t out_channels = variance == kLearnedRange ? 2 * g.C : g.C;
+  TORCH_CHECK(model_output.numel() == g.B * g.N / g.C * out_channels && model_output.size(1) == out_channels &&
+                  model_output.is_contiguous(format_of(channels_last)) && model_output.dtype() == x_t.dtype(),
+              "model_output: expected ", out_channels, " channels in x_t's layout and dtype");
+  if (noise) {
+    TORCH_CHECK(noise->sizes() == x_t.sizes() && noise->is_contiguous(format_of(channels_last)) &&
+                    noise->dtype() == x_t.dtype(),
+                "noise: expected x_t's shape, layout and dtype");
+  }
+  at::Tensor y = at::empty_like(x_t, format_of(channels_last));
+  if (x_t.numel() == 0) return y;
+  const StepOptions opt{static_cast<int>(prediction), static_cast<int>(variance), static_cast<int>(form), clip_sample,
+                        static_cast<float>(clip_range)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "p_step_cpu", [&] {
+    p_step_kernel<scalar_t>(g, x_t.data_ptr<scalar_t>(), model_output.data_ptr<scalar_t>(),
+                            noise ? noise->data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(),
+                            t.data_ptr<int64_t>(), table.data_ptr<float>(), table.size(1),
+                            static_cast<uint64_t>(seed), sample_offset, opt);
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> q_sample_cpu(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& table,
+                                                const std::optional<at::Tensor>& noise, int64_t seed,
+                                                int64_t sample_offset, bool return_noise, bool channels_last) {
+  const Geometry g = geometry(x0, channels_last);
+  check_table(t, table, g.B);
+  if (noise) {
+    TORCH_CHECK(noise->sizes() == x0.sizes() && noise->is_contiguous(format_of(channels_last)) &&
+                    noise->dtype() == x0.dtype(),
+                "noise: expected x0's shape, layout and dtype");
+  }
+  at::Tensor y = at::empty_like(x0, format_of(channels_last));
+  at::Tensor eps = return_noise ? at::empty_like(x0, format_of(channels_last)) : at::empty({0}, x0.options());
+  if (x0.numel() == 0) return {y, eps};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "q_sample_cpu", [&] {
+    q_sample_kernel<scalar_t>(g, x0.data_ptr<scalar_t>(), noise ? noise->data_ptr<scalar_t>() : nullptr,
+                              y.data_ptr<scalar_t>(), return_noise ? eps.data_ptr<scalar_t>() : nullptr,
+                              t.data_ptr<int64_t>(), table.data_ptr<float>(), table.size(1),
+                              static_cast<uint64_t>(seed), sample_offset);
+  });
+  return {y, eps};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) {
+  m.impl("p_step", &p_step_cpu);
+  m.impl("q_sample", &q_sample_cpu);
+}
+
+}  // namespace ddpm_fast

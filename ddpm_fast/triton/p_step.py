@@ -1,0 +1,119 @@
+"""The reverse step in Triton: x_{t-1} = mean(x_t, model output, t) + sigma_t z, z drawn in registers.
+
+Math as ddpm_fast/reference/p_step.py (and csrc/include/ddpm_fast/step.h).
+Grid (cdiv(ceil(N / 4), BLOCK), B): a program owns BLOCK Philox groups (4*BLOCK elements in NCHW
+order) of one sample.  Contiguous tensors load a contiguous [BLOCK, 4] tile; channels_last ones
+gather it (offset hw*C + c).  Bytes: 3 * N * sizeof(T) (+N for learned_range's v, +N for passed-in
+noise); ~15 FLOPs and a quarter of a Philox call per element.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .philox import normal4
+
+# Rows of the schedule's device table (ddpm_fast/schedule.py TABLE_ROWS).
+ROW_BETAS, ROW_SQRT_ABAR, ROW_SQRT_1M_ABAR, ROW_RECIP_SQRT_ALPHA, ROW_EPS_COEF = 0, 3, 4, 5, 6
+ROW_C1, ROW_C2, ROW_POST_VAR, ROW_POST_LOGVAR, ROW_LOG_BETAS = 7, 8, 9, 10, 11
+
+
+@triton.jit
+def tile_offsets(group, N, C, HW, CHANNELS_LAST: tl.constexpr):
+    """NCHW element indices j of BLOCK groups as a [BLOCK, 4] tile, their storage offsets, the mask."""
+    j = 4 * group[:, None] + tl.arange(0, 4)[None, :]
+    if CHANNELS_LAST:
+        m = (j % HW) * C + j // HW
+    else:
+        m = j
+    return j, m, j < N
+
+
+@triton.jit
+def normal_tile(seed, group, sample, t, stream):
+    n0, n1, n2, n3 = normal4(seed, group, sample, t, stream)
+    return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (n0.shape[0], 4))
+
+
+@triton.jit
+def _p_step_kernel(x_ptr, out_ptr, noise_ptr, y_ptr, t_ptr, table_ptr, T, seed, sample_offset, N, C, HW,
+                   clip_range, PREDICTION: tl.constexpr, VARIANCE: tl.constexpr, FORM: tl.constexpr,
+                   CLIP: tl.constexpr, HAS_NOISE: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(1)
+    group = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    t = tl.minimum(tl.maximum(tl.load(t_ptr + b), 0), T - 1)
+    s1 = tl.load(table_ptr + ROW_SQRT_ABAR * T + t)
+    s2 = tl.load(table_ptr + ROW_SQRT_1M_ABAR * T + t)
+    j, m, mask = tile_offsets(group, N, C, HW, CHANNELS_LAST)
+    base = b.to(tl.int64) * N
+    x = tl.load(x_ptr + base + m, mask=mask, other=0.0).to(tl.float32)
+    if VARIANCE == 2:  # learned_range: out is [B, 2C, ...] in x's layout, v in the second half
+        if CHANNELS_LAST:
+            mo = (j % HW) * 2 * C + j // HW
+            mv = mo + C
+        else:
+            mo = j
+            mv = j + N
+        obase = b.to(tl.int64) * 2 * N
+    else:
+        mo = m
+        mv = m
+        obase = base
+    o = tl.load(out_ptr + obase + mo, mask=mask, other=0.0).to(tl.float32)
+
+    if PREDICTION == 0:
+        x0 = (x - s2 * o) / s1
+    elif PREDICTION == 1:
+        x0 = o
+    else:
+        x0 = s1 * x - s2 * o
+    if CLIP:
+        x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
+    if FORM == 0:
+        mean = tl.load(table_ptr + ROW_C1 * T + t) * x0 + tl.load(table_ptr + ROW_C2 * T + t) * x
+    else:
+        if PREDICTION == 0 and not CLIP:
+            e = o
+        else:
+            e = (x - s1 * x0) / s2
+        mean = tl.load(table_ptr + ROW_RECIP_SQRT_ALPHA * T + t) * (x - tl.load(table_ptr + ROW_EPS_COEF * T + t) * e)
+
+    if VARIANCE == 2:
+        v = tl.load(out_ptr + obase + mv, mask=mask, other=0.0).to(tl.float32)
+        f = (v + 1.0) * 0.5
+        lb = tl.load(table_ptr + ROW_LOG_BETAS * T + t)
+        lp = tl.load(table_ptr + ROW_POST_LOGVAR * T + t)
+        sigma = tl.exp(0.5 * (f * lb + (1.0 - f) * lp))
+    elif VARIANCE == 1:
+        sigma = tl.sqrt(tl.load(table_ptr + ROW_BETAS * T + t))
+    else:
+        sigma = tl.sqrt(tl.load(table_ptr + ROW_POST_VAR * T + t))
+    if HAS_NOISE:
+        z = tl.load(noise_ptr + base + m, mask=mask, other=0.0).to(tl.float32)
+    else:
+        z = normal_tile(seed, group, b + sample_offset, t, 0)
+    y = mean + tl.where(t > 0, sigma, 0.0) * z
+    tl.store(y_ptr + base + m, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+BLOCK = 256
+
+
+def p_step(x_t: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor, table: torch.Tensor, noise, seed: int,
+           sample_offset: int, prediction: int, variance: int, form: int, clip_sample: bool, clip_range: float,
+           channels_last: bool) -> torch.Tensor:
+    """Launcher: arguments already validated and laid out by ddpm_fast.ops (same order as the C++ op)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    y = torch.empty_like(x_t, memory_format=fmt)
+    B = x_t.shape[0]
+    N = x_t[0].numel() if B else 0
+    if B == 0 or N == 0:
+        return y
+    C = x_t.shape[1]
+    grid = (triton.cdiv(triton.cdiv(N, 4), BLOCK), B)
+    _p_step_kernel[grid](x_t, model_output, noise if noise is not None else x_t, y, t, table, table.shape[1], seed,
+                         sample_offset, N, C, N // C, clip_range, PREDICTION=prediction, VARIANCE=variance, FORM=form,
+                         CLIP=bool(clip_sample), HAS_NOISE=noise is not None, CHANNELS_LAST=channels_last, BLOCK=BLOCK)
+    return y
