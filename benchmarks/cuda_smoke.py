@@ -27,6 +27,25 @@ def main() -> int:
     same = torch.equal(torch.ops.ddpm_fast.philox4x32(c.cuda(), k.cuda()).cpu(), torch.ops.ddpm_fast.philox4x32(c, k))
     failures += not same
     print(f"philox4x32: {'ok' if same else 'FAIL'}")
+    s = df.NoiseSchedule.linear(1000)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for shape in ((3, 3, 5, 7), (2, 4, 8, 8)):  # odd (scalar path) and 16-byte multiples (vector path)
+            for fmt in (torch.contiguous_format, torch.channels_last):
+                x = torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=fmt)
+                out = torch.randn(shape[0], 2 * shape[1], *shape[2:], device="cuda").to(dtype)
+                out = out.contiguous(memory_format=fmt)
+                tt = torch.arange(shape[0], device="cuda") * 300
+                y = df.p_step(x, out, tt, s, seed=3, variance="learned_range", backend="cuda")
+                z = df.philox_randn(shape, 3, t=tt, backend="cuda")
+                ref = df.reference.p_step(x.double(), out.double(), tt, s, noise=z.double(), variance="learned_range")
+                err = ((y.double() - ref).norm() / ref.norm()).item()
+                q, eps = df.q_sample(x, tt, s, seed=4, return_noise=True, backend="cuda")
+                qref = df.reference.q_sample(x.double(), tt, s, noise=eps.double())
+                qerr = ((q.double() - qref).norm() / qref.norm()).item()
+                ok = max(err, qerr) < (1e-5 if dtype == torch.float32 else 1e-2)
+                failures += not ok
+                print(f"p_step/q_sample {dtype} {tuple(shape)} {fmt}: rel err {err:.1e} / {qerr:.1e} "
+                      f"{'ok' if ok else 'FAIL'}")
     torch.cuda.synchronize()
     return 1 if failures else 0
 

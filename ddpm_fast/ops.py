@@ -8,6 +8,8 @@ saying why.  Backends never call each other.
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Optional, Sequence, Union
 
 import torch
@@ -39,11 +41,19 @@ class BackendUnavailableError(RuntimeError):
 
 def available_backends() -> dict:
     """{backend: True or the reason it cannot run here}."""
-    return {"reference": True, "cpu": _ext.cpu_status(), "cuda": _ext.cuda_status(), "triton": _ext.triton_status()}
+    return dict(_statuses())
+
+
+@functools.lru_cache(maxsize=None)
+def _statuses() -> tuple:
+    # Fixed for the life of the process (TRITON_INTERPRET is read when the kernels are imported),
+    # and asked on every op call: worked out once.
+    return (("reference", True), ("cpu", _ext.cpu_status()), ("cuda", _ext.cuda_status()),
+            ("triton", _ext.triton_status()))
 
 
 def _status(backend: str):
-    return available_backends()[backend]
+    return dict(_statuses())[backend]
 
 
 def pick_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -79,8 +89,6 @@ def pick_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype
 
 
 def _interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 

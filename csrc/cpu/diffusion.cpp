@@ -64,36 +64,84 @@ void for_chunks(const Geometry& g, F body) {
   });
 }
 
+// The step on one block of floats, each option's branch hoisted out of its loop so every loop
+// is straight-line and vectorises.  x0 doubles as the output.
+inline void p_step_block(int n, const float* x, const float* o, const float* v, const float* z, float* x0,
+                         const StepCoefs& k, const StepOptions& opt) {
+  const float s1 = k.s1, s2 = k.s2;
+  if (opt.prediction == kPredictEps) {
+    for (int i = 0; i < n; ++i) x0[i] = (x[i] - s2 * o[i]) / s1;
+  } else if (opt.prediction == kPredictSample) {
+    for (int i = 0; i < n; ++i) x0[i] = o[i];
+  } else {
+    for (int i = 0; i < n; ++i) x0[i] = s1 * x[i] - s2 * o[i];
+  }
+  if (opt.clip) {
+    const float r = opt.clip_range;
+    for (int i = 0; i < n; ++i) x0[i] = x0[i] < -r ? -r : (x0[i] > r ? r : x0[i]);
+  }
+  if (opt.form == kFormPosterior) {
+    for (int i = 0; i < n; ++i) x0[i] = k.c1 * x0[i] + k.c2 * x[i];
+  } else if (opt.prediction == kPredictEps && !opt.clip) {
+    for (int i = 0; i < n; ++i) x0[i] = k.recip_sqrt_alpha * (x[i] - k.eps_coef * o[i]);
+  } else {
+    for (int i = 0; i < n; ++i) x0[i] = k.recip_sqrt_alpha * (x[i] - k.eps_coef * ((x[i] - s1 * x0[i]) / s2));
+  }
+  if (!k.noisy) return;
+  if (opt.variance == kLearnedRange) {
+    for (int i = 0; i < n; ++i) {
+      const float f = (v[i] + 1.0f) * 0.5f;
+      x0[i] += cpu::exp_poly(0.5f * (f * k.log_beta + (1.0f - f) * k.log_post)) * z[i];
+    }
+  } else {
+    for (int i = 0; i < n; ++i) x0[i] += k.sigma * z[i];
+  }
+}
+
 template <typename scalar_t>
 void p_step_kernel(const Geometry& g, const scalar_t* x, const scalar_t* out, const scalar_t* noise, scalar_t* y,
                    const int64_t* t, const float* table, int64_t T, uint64_t seed, int64_t sample_offset,
                    const StepOptions& opt) {
+  constexpr int kB = cpu::kBlockElems;
   const bool learned = opt.variance == kLearnedRange;
   const int64_t out_stride = learned ? 2 * g.N : g.N;
   for_chunks(g, [&](int64_t b, int64_t j0, int64_t j1) {
     const StepCoefs k = load_coefs(table, T, t[b], opt.variance);
     const scalar_t* xb = x + b * g.N;
     const scalar_t* ob = out + b * out_stride;
+    const scalar_t* nb = noise ? noise + b * g.N : nullptr;
     scalar_t* yb = y + b * g.N;
-    float z[cpu::kBlockElems] = {};
-    for (int64_t jb = j0; jb < j1; jb += cpu::kBlockElems) {
-      const int64_t n = std::min<int64_t>(cpu::kBlockElems, j1 - jb);
-      if (noise == nullptr && k.noisy) {
-        cpu::normal_block(seed, static_cast<uint32_t>(jb / 4), static_cast<uint32_t>(b + sample_offset),
-                          static_cast<uint32_t>(clamp_t(t[b], T)), kStreamStep, z);
-      }
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t j = jb + i, m = g.offset(j);
-        int64_t mo = m, mv = m;
-        if (learned) {  // out is [B, 2C, ...] in the same layout as x
-          const int64_t c = j / g.HW, hw = j % g.HW;
-          mo = g.channels_last ? hw * 2 * g.C + c : j;
-          mv = mo + (g.channels_last ? g.C : g.N);
+    float xf[kB], of[kB], vf[kB] = {}, zf[kB] = {}, yf[kB];
+    for (int64_t jb = j0; jb < j1; jb += kB) {
+      const int n = static_cast<int>(std::min<int64_t>(kB, j1 - jb));
+      if (!g.channels_last) {
+        for (int i = 0; i < n; ++i) {
+          xf[i] = static_cast<float>(xb[jb + i]);
+          of[i] = static_cast<float>(ob[jb + i]);
         }
-        const float zi = noise ? static_cast<float>(noise[b * g.N + m]) : z[i];
-        const float v = learned ? static_cast<float>(ob[mv]) : 0.0f;
-        yb[m] = static_cast<scalar_t>(
-            p_step_element(static_cast<float>(xb[m]), static_cast<float>(ob[mo]), v, zi, k, opt));
+        if (learned)
+          for (int i = 0; i < n; ++i) vf[i] = static_cast<float>(ob[g.N + jb + i]);
+        if (nb)
+          for (int i = 0; i < n; ++i) zf[i] = static_cast<float>(nb[jb + i]);
+      } else {
+        for (int i = 0; i < n; ++i) {
+          const int64_t j = jb + i, c = j / g.HW, hw = j % g.HW, m = hw * g.C + c;
+          xf[i] = static_cast<float>(xb[m]);
+          const int64_t mo = learned ? hw * 2 * g.C + c : m;  // out is [B, 2C, H, W] channels_last
+          of[i] = static_cast<float>(ob[mo]);
+          if (learned) vf[i] = static_cast<float>(ob[mo + g.C]);
+          if (nb) zf[i] = static_cast<float>(nb[m]);
+        }
+      }
+      if (!nb && k.noisy) {
+        cpu::normal_block(seed, static_cast<uint32_t>(jb / 4), static_cast<uint32_t>(b + sample_offset),
+                          static_cast<uint32_t>(clamp_t(t[b], T)), kStreamStep, zf);
+      }
+      p_step_block(n, xf, of, vf, zf, yf, k, opt);
+      if (!g.channels_last) {
+        for (int i = 0; i < n; ++i) yb[jb + i] = static_cast<scalar_t>(yf[i]);
+      } else {
+        for (int i = 0; i < n; ++i) yb[g.offset(jb + i)] = static_cast<scalar_t>(yf[i]);
       }
     }
   });
@@ -102,22 +150,40 @@ void p_step_kernel(const Geometry& g, const scalar_t* x, const scalar_t* out, co
 template <typename scalar_t>
 void q_sample_kernel(const Geometry& g, const scalar_t* x0, const scalar_t* noise, scalar_t* y, scalar_t* eps_out,
                      const int64_t* t, const float* table, int64_t T, uint64_t seed, int64_t sample_offset) {
+  constexpr int kB = cpu::kBlockElems;
   for_chunks(g, [&](int64_t b, int64_t j0, int64_t j1) {
     const int64_t tb = clamp_t(t[b], T);
     const float s1 = table[kSqrtAlphasCumprod * T + tb], s2 = table[kSqrtOneMinusAlphasCumprod * T + tb];
     const int64_t base = b * g.N;
-    float z[cpu::kBlockElems];
-    for (int64_t jb = j0; jb < j1; jb += cpu::kBlockElems) {
-      const int64_t n = std::min<int64_t>(cpu::kBlockElems, j1 - jb);
-      if (noise == nullptr) {
-        cpu::normal_block(seed, static_cast<uint32_t>(jb / 4), static_cast<uint32_t>(b + sample_offset),
-                          static_cast<uint32_t>(tb), kStreamQSample, z);
+    float xf[kB], zf[kB], yf[kB];
+    for (int64_t jb = j0; jb < j1; jb += kB) {
+      const int n = static_cast<int>(std::min<int64_t>(kB, j1 - jb));
+      if (!g.channels_last) {
+        for (int i = 0; i < n; ++i) xf[i] = static_cast<float>(x0[base + jb + i]);
+        if (noise)
+          for (int i = 0; i < n; ++i) zf[i] = static_cast<float>(noise[base + jb + i]);
+      } else {
+        for (int i = 0; i < n; ++i) {
+          const int64_t m = base + g.offset(jb + i);
+          xf[i] = static_cast<float>(x0[m]);
+          if (noise) zf[i] = static_cast<float>(noise[m]);
+        }
       }
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t m = base + g.offset(jb + i);
-        const float e = noise ? static_cast<float>(noise[m]) : z[i];
-        y[m] = static_cast<scalar_t>(q_sample_element(static_cast<float>(x0[m]), e, s1, s2));
-        if (eps_out) eps_out[m] = static_cast<scalar_t>(e);
+      if (!noise) {
+        cpu::normal_block(seed, static_cast<uint32_t>(jb / 4), static_cast<uint32_t>(b + sample_offset),
+                          static_cast<uint32_t>(tb), kStreamQSample, zf);
+      }
+      for (int i = 0; i < n; ++i) yf[i] = q_sample_element(xf[i], zf[i], s1, s2);
+      if (!g.channels_last) {
+        for (int i = 0; i < n; ++i) y[base + jb + i] = static_cast<scalar_t>(yf[i]);
+        if (eps_out)
+          for (int i = 0; i < n; ++i) eps_out[base + jb + i] = static_cast<scalar_t>(zf[i]);
+      } else {
+        for (int i = 0; i < n; ++i) {
+          const int64_t m = base + g.offset(jb + i);
+          y[m] = static_cast<scalar_t>(yf[i]);
+          if (eps_out) eps_out[m] = static_cast<scalar_t>(zf[i]);
+        }
       }
     }
   });

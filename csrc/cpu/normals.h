@@ -5,7 +5,6 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
 
 #include "ddpm_fast/philox.h"
 
@@ -15,16 +14,17 @@ namespace cpu {
 constexpr int kGroupsPerBlock = 16;  // 64 normals per block
 constexpr int kBlockElems = 4 * kGroupsPerBlock;
 
+inline float flip_sign(float x, uint32_t flip) {  // flip is 0 or 1
+  return __builtin_bit_cast(float, __builtin_bit_cast(uint32_t, x) ^ (flip << 31));
+}
+
 inline float log_poly(float x) {  // natural log for normal x > 0
-  uint32_t bits;
-  std::memcpy(&bits, &x, 4);
+  const uint32_t bits = __builtin_bit_cast(uint32_t, x);
   int e = static_cast<int>((bits >> 23) & 0xff) - 126;
   const uint32_t mbits = (bits & 0x807fffffu) | 0x3f000000u;  // mantissa in [0.5, 1)
-  float m;
-  std::memcpy(&m, &mbits, 4);
-  const bool small = m < 0.707106781186547524f;
-  e -= small ? 1 : 0;
-  m = small ? m + m - 1.0f : m - 1.0f;
+  float m = __builtin_bit_cast(float, mbits);
+  e -= m < 0.707106781186547524f ? 1 : 0;
+  m = (m - 1.0f) + (m < 0.707106781186547524f ? m : 0.0f);  // m - 1 is exact, so this rounds 2m - 1 once
   const float z = m * m;
   float y = 7.0376836292e-2f;
   y = y * m - 1.1514610310e-1f;
@@ -51,55 +51,26 @@ inline void sincos_poly(float x, float* s, float* c) {  // 0 <= x < 2*pi
   const float sp = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * x + x;
   const float cp = ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z -
                    0.5f * z + 1.0f;
-  const int q = (j >> 1) & 3;  // quadrant
-  const bool swap = q & 1;
-  const float sv = swap ? cp : sp, cv = swap ? sp : cp;
-  *s = (q & 2) ? -sv : sv;
-  *c = (q == 1 || q == 2) ? -cv : cv;
+  const uint32_t q = static_cast<uint32_t>(j >> 1) & 3u;  // quadrant
+  *s = flip_sign((q & 1u) ? cp : sp, q >> 1);
+  *c = flip_sign((q & 1u) ? sp : cp, ((q + 1u) >> 1) & 1u);
 }
 
-// z[0 .. 4 * kGroupsPerBlock) = normals of groups g0 .. g0 + kGroupsPerBlock - 1 of one sample.
-inline void normal_block(uint64_t seed, uint32_t g0, uint32_t sample, uint32_t t, uint32_t stream, float* z) {
-  uint32_t c0[kGroupsPerBlock], c1[kGroupsPerBlock], c2[kGroupsPerBlock], c3[kGroupsPerBlock];
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-#pragma omp simd
-  for (int g = 0; g < kGroupsPerBlock; ++g) {
-    c0[g] = g0 + g;
-    c1[g] = sample;
-    c2[g] = t;
-    c3[g] = stream;
-  }
-  for (int round = 0; round < 10; ++round) {
-    if (round) {
-      k0 += kPhiloxW0;
-      k1 += kPhiloxW1;
-    }
-#pragma omp simd
-    for (int g = 0; g < kGroupsPerBlock; ++g) {
-      const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0[g];
-      const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c2[g];
-      const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1[g] ^ k0;
-      const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3[g] ^ k1;
-      c1[g] = static_cast<uint32_t>(p1);
-      c3[g] = static_cast<uint32_t>(p0);
-      c0[g] = n0;
-      c2[g] = n2;
-    }
-  }
-#pragma omp simd
-  for (int g = 0; g < kGroupsPerBlock; ++g) {
-    const float u0 = fmaxf(uint_to_uniform(c0[g]), 1.0e-7f), u1 = uint_to_uniform(c1[g]);
-    const float u2 = fmaxf(uint_to_uniform(c2[g]), 1.0e-7f), u3 = uint_to_uniform(c3[g]);
-    const float r01 = sqrtf(-2.0f * log_poly(u0)), r23 = sqrtf(-2.0f * log_poly(u2));
-    float s01, co01, s23, co23;
-    sincos_poly(kTwoPi * u1, &s01, &co01);
-    sincos_poly(kTwoPi * u3, &s23, &co23);
-    z[4 * g] = r01 * co01;
-    z[4 * g + 1] = r01 * s01;
-    z[4 * g + 2] = r23 * co23;
-    z[4 * g + 3] = r23 * s23;
-  }
+inline float exp_poly(float x) {  // e^x as Cephes' expf, with libm's overflow / underflow ends
+  const float xc = x > 88.3762626647949f ? 88.3762626647949f : (x < -87.3365447505531f ? -87.3365447505531f : x);
+  const float n = static_cast<float>(static_cast<int>(xc * 1.44269504088896341f + (xc < 0.0f ? -0.5f : 0.5f)));
+  const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+  const float z = r * r;
+  const float p = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
+                   1.6666665459e-1f) * r + 5.0000001201e-1f;
+  const float e = (p * z + r) + 1.0f;
+  const float y = e * __builtin_bit_cast(float, static_cast<uint32_t>(static_cast<int>(n) + 127) << 23);
+  return x > 88.7228391f ? __builtin_inff() : (x < -103.972084f ? 0.0f : y);
 }
+
+// z[0 .. 4 * kGroupsPerBlock) = normals of groups g0 .. g0 + kGroupsPerBlock - 1 of one sample
+// (normals.cpp).
+void normal_block(uint64_t seed, uint32_t g0, uint32_t sample, uint32_t t, uint32_t stream, float* z);
 
 }  // namespace cpu
 }  // namespace ddpm_fast

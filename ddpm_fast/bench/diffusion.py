@@ -40,6 +40,14 @@ class Case:
     baseline: bool
 
 
+def kernel_backends(op: str, device: torch.device) -> List[str]:
+    """The backends with a kernel for op that run on this device (the reference when none does)."""
+    status = ops.available_backends()
+    here = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+    found = [b for b in here if b in ops.KERNELS[op] and status[b] is True]
+    return found or ["reference"]
+
+
 def _diffusers():
     try:
         import diffusers
@@ -70,8 +78,9 @@ def cases(op: str, device: torch.device, quick: bool, dtype: torch.dtype = torch
         if op == "p_step":
             out = torch.randn(shape, device=device, dtype=dtype)
             common = dict(op=op, size=label, numel=n, dtype=dtype, bytes=3 * n * e, flops=P_STEP_FLOPS * n)
-            yield Case(impl="ddpm_fast", fn=lambda x=x, out=out: ops.p_step(x, out, T_BENCH, sched, seed=0),
-                       baseline=False, **common)
+            for backend in kernel_backends("p_step", device):
+                yield Case(impl=f"ddpm_fast[{backend}]", fn=lambda x=x, out=out, b=backend: ops.p_step(
+                    x, out, T_BENCH, sched, seed=0, backend=b), baseline=False, **common)
             yield Case(impl="reference eager", fn=lambda x=x, out=out: ref.p_step(
                 x, out, T_BENCH, sched, noise=torch.randn_like(x)), baseline=True, **common)
             yield Case(impl="torch.compile(reference)", fn=lambda x=x, out=out: compiled_step(x, out),
@@ -81,8 +90,9 @@ def cases(op: str, device: torch.device, quick: bool, dtype: torch.dtype = torch
                     out, T_BENCH, x, generator=gen).prev_sample, baseline=True, **common)
         elif op == "q_sample":
             common = dict(op=op, size=label, numel=n, dtype=dtype, bytes=2 * n * e, flops=Q_SAMPLE_FLOPS * n)
-            yield Case(impl="ddpm_fast", fn=lambda x=x: ops.q_sample(x, T_BENCH, sched, seed=0), baseline=False,
-                       **common)
+            for backend in kernel_backends("q_sample", device):
+                yield Case(impl=f"ddpm_fast[{backend}]", fn=lambda x=x, b=backend: ops.q_sample(
+                    x, T_BENCH, sched, seed=0, backend=b), baseline=False, **common)
             yield Case(impl="reference eager", fn=lambda x=x: ref.q_sample(
                 x, T_BENCH, sched, noise=torch.randn_like(x)), baseline=True, **common)
             yield Case(impl="torch.compile(reference)", fn=lambda x=x: compiled_q(x), baseline=True, **common)
