@@ -8,7 +8,6 @@ saying why.  Backends never call each other.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional, Sequence, Union
 
@@ -39,21 +38,26 @@ class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run this call; the message says why."""
 
 
+_STATUS: Optional[dict] = None
+
+
 def available_backends() -> dict:
     """{backend: True or the reason it cannot run here}."""
     return dict(_statuses())
 
 
-@functools.lru_cache(maxsize=None)
-def _statuses() -> tuple:
-    # Fixed for the life of the process (TRITON_INTERPRET is read when the kernels are imported),
-    # and asked on every op call: worked out once.
-    return (("reference", True), ("cpu", _ext.cpu_status()), ("cuda", _ext.cuda_status()),
-            ("triton", _ext.triton_status()))
+def _statuses() -> dict:
+    # Fixed for the life of the process (TRITON_INTERPRET is read when the kernels are imported)
+    # and asked on every op call, so worked out once.
+    global _STATUS
+    if _STATUS is None:
+        _STATUS = {"reference": True, "cpu": _ext.cpu_status(), "cuda": _ext.cuda_status(),
+                   "triton": _ext.triton_status()}
+    return _STATUS
 
 
 def _status(backend: str):
-    return dict(_statuses())[backend]
+    return _statuses()[backend]
 
 
 def pick_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
