@@ -201,11 +201,14 @@ def plot(rows: List[Row], floors: Dict[str, float], meta: Dict[str, object], pat
     peak_bw, peak_fl = floors["copy_gbps"] * 1e9, floors["matmul_tflops"] * 1e12
     xs = [2.0**k for k in range(-6, 12)]
     ax.plot(xs, [min(peak_fl, x * peak_bw) / 1e12 for x in xs], "k--", lw=1, label="roofline (measured floors)")
-    for r in rows:
-        if r.flops and r.bytes:
-            ax.scatter(r.flops / r.bytes, r.tflops, s=14, label=f"{r.op}/{r.impl}/{r.size}")
-    ax.set(xscale="log", yscale="log", xlabel="FLOP / byte", ylabel="TFLOP/s", title="roofline")
-    ax.legend(fontsize=5, ncol=2)
+    markers = "osD^v<>"
+    for k, (op, impl) in enumerate(sorted({(r.op, r.impl) for r in rows if r.flops and r.bytes})):
+        pts = [(r.flops / r.bytes, r.tflops) for r in rows if r.op == op and r.impl == impl]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=16, marker=markers[ops.index(op) % len(markers)],
+                   label=f"{op} / {impl}")
+    ax.set(xscale="log", yscale="log", xlabel="FLOP / byte", ylabel="TFLOP/s",
+           title="roofline (one point per size)")
+    ax.legend(fontsize=6)
     fig.suptitle(f"{meta['device_name']} — torch {meta['torch']} — {meta['date']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
