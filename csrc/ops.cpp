@@ -20,4 +20,7 @@ TORCH_LIBRARY(ddpm_fast, m) {
   m.def("p_step(Tensor x_t, Tensor model_output, Tensor t, Tensor table, Tensor? noise, int seed, "
         "int sample_offset, int prediction, int variance, int form, bool clip_sample, float clip_range, "
         "bool channels_last) -> Tensor");
+  // y = act(GN(x + add) * (1 + scale) + shift); weight, bias [C] and add, scale, shift [B, C] float32.
+  m.def("group_norm(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, Tensor? add, "
+        "Tensor? scale, Tensor? shift, bool silu, bool channels_last) -> Tensor");
 }

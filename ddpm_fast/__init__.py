@@ -12,12 +12,16 @@ from .ops import (
 )
 from .schedule import NoiseSchedule
 from . import models
+from .modules import FusedGroupNorm, FusedGroupNormSiLU, accelerate
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "FusedGroupNorm",
+    "FusedGroupNormSiLU",
     "NoiseSchedule",
+    "accelerate",
     "attention",
     "available_backends",
     "models",

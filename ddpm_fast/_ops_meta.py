@@ -28,3 +28,8 @@ def _q_sample_fake(x0, t, table, noise, seed, sample_offset, return_noise, chann
 def _p_step_fake(x_t, model_output, t, table, noise, seed, sample_offset, prediction, variance, form, clip_sample,
                  clip_range, channels_last):
     return torch.empty_like(x_t, memory_format=_layout(channels_last))
+
+
+@torch.library.register_fake("ddpm_fast::group_norm")
+def _group_norm_fake(x, num_groups, weight, bias, eps, add, scale, shift, silu, channels_last):
+    return torch.empty_like(x, memory_format=_layout(channels_last))

@@ -29,7 +29,7 @@ KERNELS = {
     "philox_randn": ("cpu", "cuda", "triton"),
     "q_sample": ("cpu", "cuda", "triton"),
     "p_step": ("cpu", "cuda", "triton"),
-    "group_norm": (),
+    "group_norm": ("cpu", "cuda", "triton"),
     "attention": (),
 }
 
@@ -60,11 +60,17 @@ def _status(backend: str):
     return _statuses()[backend]
 
 
-def pick_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def pick_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype, grad: bool = False) -> str:
+    """The backend that runs this call.  Kernels are forward-only: where autograd needs a graph
+    (``grad``), "auto" runs the reference, which is plain differentiable PyTorch."""
     _checks.choice(backend, "backend", BACKENDS)
     kernels = KERNELS[op]
     if backend == "auto":
-        if dtype == torch.float64:
+        if dtype == torch.float64 or grad:
             return "reference"
         order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
         for b in order:
@@ -73,6 +79,9 @@ def pick_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype
         return "reference"
     if backend == "reference":
         return backend
+    if grad:
+        raise BackendUnavailableError(f"backend={backend!r}: the {op} kernels are forward-only (no autograd); "
+                                      "use backend='auto' or 'reference' for inputs that require grad")
     if backend not in kernels:
         raise BackendUnavailableError(f"backend={backend!r}: {op} has no {backend} kernel yet; use 'auto' or 'reference'")
     status = _status(backend)
@@ -181,7 +190,7 @@ def q_sample(
 ):
     """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (see ddpm_fast.reference.q_sample)."""
     t_vec, sched = check_q_sample(x0, t, schedule, noise, seed, sample_offset)
-    which = pick_backend("q_sample", backend, x0.device, x0.dtype)
+    which = pick_backend("q_sample", backend, x0.device, x0.dtype, _needs_grad(x0, noise))
     if which == "reference":
         noise = _contract_noise(noise, seed, x0, t_vec, STREAM_Q_SAMPLE, sample_offset)
         return q_sample_math(x0, t_vec, sched, noise, None, sample_offset, return_noise)
@@ -219,7 +228,7 @@ def p_step(
     args = (noise, seed, sample_offset, prediction, variance, clip_sample, clip_range, form, thresholding,
             dynamic_thresholding_ratio, sample_max_value)
     t_vec, sched = check_p_step(x_t, model_output, t, schedule, *args)
-    which = pick_backend("p_step", backend, x_t.device, x_t.dtype)
+    which = pick_backend("p_step", backend, x_t.device, x_t.dtype, _needs_grad(x_t, model_output, noise))
     if thresholding and which != "reference":
         if backend != "auto":
             raise BackendUnavailableError(f"backend={backend!r}: dynamic thresholding needs a per-sample quantile "
@@ -255,13 +264,23 @@ def group_norm(
 ) -> torch.Tensor:
     """y = act(GroupNorm(x + add) * (1 + scale) + shift) (see ddpm_fast.reference.group_norm)."""
     check_group_norm(x, num_groups, weight, bias, eps, add, scale, shift)
-    pick_backend("group_norm", backend, x.device, x.dtype)
-    return group_norm_math(x, num_groups, weight, bias, eps, add, scale, shift, silu)
+    which = pick_backend("group_norm", backend, x.device, x.dtype,
+                         _needs_grad(x, weight, bias, add, scale, shift))
+    if which == "reference":
+        return group_norm_math(x, num_groups, weight, bias, eps, add, scale, shift, silu)
+    x, channels_last = _layout(x)
+    params = [None if p is None else p.to(torch.float32).contiguous() for p in (weight, bias, add, scale, shift)]
+    if which == "triton":
+        from .triton.group_norm import group_norm as kernel
+    else:
+        kernel = torch.ops.ddpm_fast.group_norm
+    w, b, a, sc, sh = params
+    return kernel(x, num_groups, w, b, float(eps), a, sc, sh, bool(silu), channels_last)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
               backend: str = "auto") -> torch.Tensor:
     """softmax(q k^T * scale) v on [B, heads, L, d]; scale defaults to 1/sqrt(d)."""
     check_attention(q, k, v, scale)
-    pick_backend("attention", backend, q.device, q.dtype)
+    pick_backend("attention", backend, q.device, q.dtype, _needs_grad(q, k, v))
     return attention_math(q, k, v, scale)

@@ -54,5 +54,7 @@ def test_unavailable_backend_says_why():
     if df.available_backends()["cuda"] is not True:
         with pytest.raises(df.BackendUnavailableError, match="backend='cuda'"):
             df.philox_randn((2, 3), 1, backend="cuda")
-    with pytest.raises(df.BackendUnavailableError, match="no triton kernel yet"):
-        df.group_norm(torch.randn(1, 4, 2, 2), 2, backend="triton")
+    with pytest.raises(df.BackendUnavailableError, match="no cpu kernel yet"):
+        df.attention(*(torch.randn(1, 1, 4, 8) for _ in range(3)), backend="cpu")
+    with pytest.raises(df.BackendUnavailableError, match="forward-only"):
+        df.group_norm(torch.randn(1, 4, 2, 2, requires_grad=True), 2, backend="cpu")

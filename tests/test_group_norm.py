@@ -75,3 +75,93 @@ def test_bad_input(kw, exc, match):
     args.update(kw)
     with pytest.raises(exc, match=match):
         df.group_norm(**args)
+
+
+# ----------------------------------------------------------------- fused kernels
+from conftest import KERNEL_BACKENDS, backend_device, layout, store_slack  # noqa: E402
+
+GN_OPTIONS = [(), ("add",), ("scale", "shift"), ("add", "scale", "shift")]
+
+
+def gn_kernel_vs_reference(backend, dtype, shape, G, fmt, options, silu, gen, affine=True, split=None, mean=0.0,
+                           std=1.0):
+    dev = backend_device(backend)
+    x = (torch.randn(shape, generator=gen) * std + mean).to(dev, dtype)
+    x = layout(x, fmt)
+    C = shape[1]
+    w = torch.randn(C, generator=gen).to(dev, dtype) if affine else None
+    b = torch.randn(C, generator=gen).to(dev, dtype) if affine else None
+    extra = {k: (torch.randn(shape[0], C, generator=gen) * 0.5).to(dev, dtype) for k in options}
+    x_in = x.clone()
+    if split is None:
+        y = df.group_norm(x, G, w, b, 1e-6, silu=silu, backend=backend, **extra)
+    else:  # force the on-chip (1) or split (>1) path of the Triton kernel
+        from ddpm_fast.triton.group_norm import group_norm as tri
+
+        xc = x.contiguous()
+        f32 = {k: v.float() for k, v in extra.items()}
+        y = tri(xc, G, w.float() if affine else None, b.float() if affine else None, 1e-6, f32.get("add"),
+                f32.get("scale"), f32.get("shift"), silu, False, split=split)
+    assert torch.equal(x, x_in)
+    d = {k: v.double() for k, v in extra.items()}
+    ref = df.reference.group_norm(x.double(), G, None if w is None else w.double(), None if b is None else b.double(),
+                                  1e-6, silu=silu, **d)
+    eager = df.reference.group_norm(x, G, w, b, 1e-6, silu=silu, **extra)
+    assert y.dtype == dtype and y.shape == x.shape
+    if fmt == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    err = rel_err(y, ref)
+    bound = 1e-5 if dtype == torch.float32 else store_slack(backend, dtype) * max(
+        2 * rel_err(eager, ref), torch.finfo(dtype).eps / 2)
+    assert err <= bound, (err, bound)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("options", GN_OPTIONS, ids=lambda o: "+".join(o) or "plain")
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_kernel_options(backend, options, silu, fmt, gen, poison):
+    gn_kernel_vs_reference(backend, torch.float32, (2, 16, 5, 7), 4, fmt, options, silu, gen)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("shape,G", [((1, 12, 1, 1), 4), ((3, 40, 7, 7), 8), ((2, 64, 8, 8), 32)],
+                         ids=["hw1-b1", "odd", "cifar-like"])
+def test_kernel_dtypes_layouts_shapes(backend, dtype, fmt, shape, G, gen, poison):
+    gn_kernel_vs_reference(backend, dtype, shape, G, fmt, ("add",), True, gen)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_large_mean_small_spread(backend, gen, poison):
+    gn_kernel_vs_reference(backend, torch.float32, (2, 32, 8, 8), 8, "contiguous", ("add",), False, gen,
+                           mean=1e3, std=1e-2)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_no_affine_and_3d(backend, gen, poison):
+    gn_kernel_vs_reference(backend, torch.float32, (2, 8, 9), 2, "contiguous", (), True, gen, affine=False)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("mean", [0.0, 1e3])
+def test_triton_onchip_and_split_paths(split, mean, gen, poison):
+    if df.available_backends()["triton"] is not True:
+        pytest.skip(df.available_backends()["triton"])
+    gn_kernel_vs_reference("triton", torch.float32, (2, 16, 9, 9), 4, "contiguous", ("add", "scale"), True, gen,
+                           split=split, mean=mean, std=1e-2 if mean else 1.0)
+
+
+def test_kernel_opcheck_and_compile(gen):
+    if df.available_backends()["cpu"] is not True:
+        pytest.skip("extension not built")
+    x = torch.randn(2, 8, 4, 4, generator=gen)
+    w, b, a = torch.randn(8), torch.randn(8), torch.randn(2, 8)
+    torch.library.opcheck(torch.ops.ddpm_fast.group_norm.default, (x, 4, w, b, 1e-5, a, None, None, True, False))
+
+    def f(x):
+        return df.group_norm(x, 4, w, b, add=a, silu=True, backend="cpu")
+
+    assert torch.equal(torch.compile(f, fullgraph=True)(x), f(x))

@@ -56,21 +56,27 @@ inline void sincos_poly(float x, float* s, float* c) {  // 0 <= x < 2*pi
   *c = flip_sign((q & 1u) ? sp : cp, ((q + 1u) >> 1) & 1u);
 }
 
-inline float exp_poly(float x) {  // e^x as Cephes' expf, with libm's overflow / underflow ends
-  const float xc = x > 88.3762626647949f ? 88.3762626647949f : (x < -87.3365447505531f ? -87.3365447505531f : x);
-  const float n = static_cast<float>(static_cast<int>(xc * 1.44269504088896341f + (xc < 0.0f ? -0.5f : 0.5f)));
+// e^x as Cephes' expf (~1 ulp), saturating outside [-87.3, 88] (at ~1e-38 and ~1.6e38) where libm
+// would return 0 or inf: the uses here (SiLU, a learned sigma) only ever see the saturated value
+// divided into or multiplied by O(1) numbers.  Branch-free so every loop calling it vectorises.
+inline float exp_poly(float x) {
+  const float xc = x > 88.0f ? 88.0f : (x < -87.3365447505531f ? -87.3365447505531f : x);
+  // round(xc / ln 2) without a rounding instruction: truncate after shifting to positive numbers.
+  const float n = static_cast<float>(static_cast<int>(xc * 1.44269504088896341f + 256.5f) - 256);
   const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
   const float z = r * r;
   const float p = ((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
                    1.6666665459e-1f) * r + 5.0000001201e-1f;
   const float e = (p * z + r) + 1.0f;
-  const float y = e * __builtin_bit_cast(float, static_cast<uint32_t>(static_cast<int>(n) + 127) << 23);
-  return x > 88.7228391f ? __builtin_inff() : (x < -103.972084f ? 0.0f : y);
+  return e * __builtin_bit_cast(float, static_cast<uint32_t>(static_cast<int>(n) + 127) << 23);
 }
 
 // z[0 .. 4 * kGroupsPerBlock) = normals of groups g0 .. g0 + kGroupsPerBlock - 1 of one sample
 // (normals.cpp).
 void normal_block(uint64_t seed, uint32_t g0, uint32_t sample, uint32_t t, uint32_t stream, float* z);
+
+// v[i] = v[i] * sigmoid(v[i]) for i < n (normals.cpp).
+void silu_inplace(float* v, int n);
 
 }  // namespace cpu
 }  // namespace ddpm_fast

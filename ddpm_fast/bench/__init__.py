@@ -7,10 +7,10 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from . import diffusion
+from . import diffusion, group_norm
 from .harness import Row, finish_rows, measure_floors, metadata, time_fn, write_results
 
-SUITES = {"q_sample": diffusion.cases, "p_step": diffusion.cases}
+SUITES = {"q_sample": diffusion.cases, "p_step": diffusion.cases, "group_norm": group_norm.cases}
 
 
 def run(ops: Optional[Sequence[str]] = None, quick: bool = False, out_dir: Optional[str] = "benchmarks/results",

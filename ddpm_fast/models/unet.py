@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from ..modules import FusedGroupNorm, FusedGroupNormSiLU
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = False, freq_shift: float = 1.0,
@@ -29,21 +30,6 @@ def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = False,
     if flip_sin_to_cos:
         emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
     return F.pad(emb, (0, 1)) if dim % 2 else emb
-
-
-class GroupNormAct(nn.GroupNorm):
-    """nn.GroupNorm (same parameters and state_dict) computed by ddpm_fast.group_norm, with an
-    optional fused SiLU and per-(sample, channel) input add."""
-
-    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True, silu: bool = False):
-        super().__init__(num_groups, num_channels, eps, affine)
-        self.silu = silu
-
-    def forward(self, x: torch.Tensor, add: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return ops.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, add=add, silu=self.silu)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + (", silu=True" if self.silu else "")
 
 
 class TimestepEmbedding(nn.Module):
@@ -62,10 +48,10 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, temb_dim: int, groups: int, eps: float, dropout: float,
                  output_scale_factor: float = 1.0):
         super().__init__()
-        self.norm1 = GroupNormAct(groups, in_ch, eps, silu=True)
+        self.norm1 = FusedGroupNormSiLU(groups, in_ch, eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_dim, out_ch)
-        self.norm2 = GroupNormAct(groups, out_ch, eps, silu=True)
+        self.norm2 = FusedGroupNormSiLU(groups, out_ch, eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
@@ -90,7 +76,7 @@ class AttentionBlock(nn.Module):
         if channels % head_dim:
             raise ValueError(f"attention_head_dim: {channels} channels are not divisible by {head_dim}")
         self.heads = channels // head_dim
-        self.group_norm = GroupNormAct(groups, channels, eps)
+        self.group_norm = FusedGroupNorm(groups, channels, eps)
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
@@ -230,7 +216,7 @@ class DDPMUNet(nn.Module):
             self.up_blocks.append(level)
             prev_out = c
 
-        self.conv_norm_out = GroupNormAct(num_groups, ch, eps, silu=True)
+        self.conv_norm_out = FusedGroupNormSiLU(num_groups, ch, eps)
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
 
     # ------------------------------------------------------------------ builders

@@ -1,0 +1,44 @@
+"""Benchmark cases for GroupNorm + SiLU (the U-Net's norm1/norm2): the fused kernels against eager
+F.silu(F.group_norm(x)) and torch.compile of it.  Bytes: one read + one write of x when fused."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from .diffusion import Case, kernel_backends
+
+# (label, C, H) at 32 groups: the DDPM CIFAR-10 U-Net's levels, and a 256x256 model's first level.
+LEVELS = [("128ch@32x32", 128, 32), ("256ch@16x16", 256, 16), ("256ch@8x8", 256, 8), ("256ch@4x4", 256, 4)]
+BATCHES = [1, 64, 256]
+QUICK = [(b, lvl) for b in (1, 64) for lvl in (LEVELS[0], LEVELS[2])]
+G, EPS = 32, 1e-6
+FLOPS_PER_ELEMENT = 8  # statistics (3), normalise + affine (3), SiLU (~2 + exp)
+
+
+def shapes(quick: bool):
+    if quick:
+        return QUICK
+    return [(b, lvl) for b in BATCHES for lvl in LEVELS] + [(8, ("512ch@64x64", 512, 64))]
+
+
+def cases(op: str, device: torch.device, quick: bool) -> Iterator[Case]:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    eager = lambda x, w, b: F.silu(F.group_norm(x, G, w, b, EPS))  # noqa: E731
+    compiled = torch.compile(eager, dynamic=False)
+    for B, (label, C, H) in shapes(quick):
+        x = torch.randn(B, C, H, H, device=device, dtype=dtype)
+        w = torch.randn(C, device=device, dtype=dtype)
+        b = torch.randn(C, device=device, dtype=dtype)
+        n = x.numel()
+        common = dict(op=op, size=f"{B}x{label}", numel=n, dtype=dtype, bytes=2 * n * x.element_size(),
+                      flops=FLOPS_PER_ELEMENT * n)
+        for backend in kernel_backends("group_norm", device):
+            yield Case(impl=f"ddpm_fast[{backend}]", fn=lambda x=x, w=w, b=b, be=backend: ops.group_norm(
+                x, G, w, b, EPS, silu=True, backend=be), baseline=False, **common)
+        yield Case(impl="eager GN+SiLU", fn=lambda x=x, w=w, b=b: eager(x, w, b), baseline=True, **common)
+        yield Case(impl="torch.compile(GN+SiLU)", fn=lambda x=x, w=w, b=b: compiled(x, w, b), baseline=True,
+                   **common)
