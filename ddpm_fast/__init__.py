@@ -10,6 +10,7 @@ from .ops import (
     philox_randn,
     q_sample,
 )
+from .sampler import DDPMSampler, to_uint8
 from .schedule import NoiseSchedule
 from . import models
 from .modules import FusedGroupNorm, FusedGroupNormSiLU, accelerate
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "DDPMSampler",
     "FusedGroupNorm",
     "FusedGroupNormSiLU",
     "NoiseSchedule",
@@ -30,4 +32,5 @@ __all__ = [
     "philox_randn",
     "q_sample",
     "reference",
+    "to_uint8",
 ]

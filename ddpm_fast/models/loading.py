@@ -100,3 +100,33 @@ def load_diffusers(cls, unet_or_dir):
     except RuntimeError as e:
         raise ValueError(f"unet_or_dir: the weights do not fit the config: {e}") from None
     return model.eval()
+
+
+CHECKPOINT_FORMAT = "ddpm-fast/unet-v1"
+
+
+def save_checkpoint(path: str, model, schedule, sampling: Dict[str, Any], meta: Dict[str, Any]) -> None:
+    """One file: the U-Net's config and weights, the betas it was trained with, and how to sample it."""
+    torch.save({"format": CHECKPOINT_FORMAT, "config": model.config,
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "betas": schedule.betas.clone(), "sampling": dict(sampling), "meta": dict(meta)}, path)
+
+
+def load_checkpoint(cls, path: str):
+    """(model, schedule, sampling options) from a file written by save_checkpoint."""
+    from ..schedule import NoiseSchedule
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model: no checkpoint file at {path!r}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, or not a torch file at all
+        raise ValueError(f"model: cannot read checkpoint {path!r} ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"model: {path!r} is not a ddpm-fast checkpoint (format {CHECKPOINT_FORMAT})")
+    try:
+        model = cls(**ckpt["config"])
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except (TypeError, RuntimeError) as e:
+        raise ValueError(f"model: the checkpoint's weights do not fit its config: {e}") from None
+    return model.eval(), NoiseSchedule(ckpt["betas"]), dict(ckpt.get("sampling", {}))

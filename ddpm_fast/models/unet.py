@@ -235,6 +235,19 @@ class DDPMUNet(nn.Module):
 
         return load_diffusers(cls, unet_or_dir)
 
+    def save(self, path: str, schedule, sampling: Optional[Dict[str, Any]] = None, **meta) -> None:
+        """Write a single-file checkpoint: config, weights, betas and sampling options."""
+        from .loading import save_checkpoint
+
+        save_checkpoint(path, self, schedule, sampling or {}, meta)
+
+    @classmethod
+    def load(cls, path: str):
+        """(model, NoiseSchedule, sampling options) from a file written by ``save``."""
+        from .loading import load_checkpoint
+
+        return load_checkpoint(cls, path)
+
     # ------------------------------------------------------------------- forward
     @property
     def sample_shape(self) -> Tuple[int, int, int]:

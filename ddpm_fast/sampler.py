@@ -1,0 +1,202 @@
+"""DDPMSampler: ancestral sampling whose whole loop stays on the device.
+
+Image i of a run depends only on (seed, i): x_T is Philox stream 2 of sample i, and every step's
+noise is stream 0 of sample i at that step, drawn inside the fused p_step kernel.  Batch size,
+backend, the number of processes and CUDA graphs change nothing about it.
+
+Per step: one model call and one fused p_step; no .item(), no host sync.  With CUDA graphs (on by
+default on CUDA) the model call and the step are captured once per batch size and replayed.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import ops
+from .reference.philox import STREAM_INIT
+from .schedule import NoiseSchedule
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def spaced_timesteps(T: int, num_steps: int) -> list:
+    """num_steps timesteps evenly spaced over [0, T), always including 0 and T - 1."""
+    if not 1 <= num_steps <= T:
+        raise ValueError(f"num_steps: expected an int in [1, {T}], got {num_steps}")
+    if num_steps == 1:
+        return [T - 1]
+    return sorted({round(k * (T - 1) / (num_steps - 1)) for k in range(num_steps)})
+
+
+def model_defaults(model) -> dict:
+    """Sampling options and the sample shape a model's config implies."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return {}
+    get = cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
+    cin, cout = get("in_channels"), get("out_channels")
+    size = get("image_size", get("sample_size"))
+    if isinstance(size, (list, tuple)):
+        size = size[0]
+    out = {}
+    if cin and size:
+        out["sample_shape"] = (int(cin), int(size), int(size))
+    if cin and cout == 2 * cin:
+        out["variance"] = "learned_range"
+    return out
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float images [N, C, H, W] -> uint8 [N, H, W, C] (the layout FID tools read)."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+class DDPMSampler:
+    def __init__(self, model: Union[torch.nn.Module, Callable], schedule: Optional[NoiseSchedule] = None, *,
+                 prediction: str = "epsilon", variance: Optional[str] = None, clip_sample: bool = True,
+                 clip_range: float = 1.0, form: str = "posterior", backend: str = "auto",
+                 dtype: Union[str, torch.dtype] = torch.float32, cuda_graphs: Optional[bool] = None,
+                 channels_last: bool = False, device: Union[str, torch.device, None] = None):
+        if not callable(model):
+            raise TypeError(f"model: expected a torch module or a callable eps_model(x, t), got {type(model).__name__}")
+        self.model = model
+        self.schedule = schedule if schedule is not None else NoiseSchedule.linear(1000)
+        if not isinstance(self.schedule, NoiseSchedule):
+            raise TypeError(f"schedule: expected a NoiseSchedule, got {type(self.schedule).__name__}")
+        defaults = model_defaults(model)
+        self.default_shape = defaults.get("sample_shape")
+        self.options = dict(prediction=prediction, variance=variance or defaults.get("variance", "fixed_small"),
+                            clip_sample=bool(clip_sample), clip_range=clip_range, form=form)
+        from . import _checks
+
+        _checks.choice(self.options["prediction"], "prediction", _checks.PREDICTIONS)
+        _checks.choice(self.options["variance"], "variance", _checks.VARIANCES)
+        _checks.choice(form, "form", _checks.FORMS)
+        _checks.choice(backend, "backend", ops.BACKENDS)
+        self.backend = backend
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise ValueError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+            dtype = DTYPES[dtype]
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype: expected float32, float16 or bfloat16, got {dtype}")
+        self.dtype = dtype
+        if device is None:
+            p = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+            device = p.device if p is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(device)
+        self.cuda_graphs = (self.device.type == "cuda") if cuda_graphs is None else bool(cuda_graphs)
+        if self.cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs: CUDA graphs need a CUDA device")
+        self.channels_last = channels_last
+        if isinstance(model, torch.nn.Module):
+            model.eval()
+            if channels_last:
+                model.to(memory_format=torch.channels_last)
+
+    # ---------------------------------------------------------------- model call
+    def _eps(self, x: torch.Tensor, t_model: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            out = self.model(x, t_model)
+        out = getattr(out, "sample", out)
+        if isinstance(out, tuple):
+            out = out[0]
+        return out.float()
+
+    def _check_output(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        C = x.shape[1]
+        want = (x.shape[0], 2 * C, *x.shape[2:]) if self.options["variance"] == "learned_range" else tuple(x.shape)
+        if tuple(out.shape) != want:
+            raise ValueError(f"model: its output shape {tuple(out.shape)} does not fit the samples {tuple(x.shape)} "
+                             f"(expected {want} for variance={self.options['variance']!r})")
+
+    # ---------------------------------------------------------------------- loop
+    def _plan(self, num_steps: Optional[int]) -> Tuple[NoiseSchedule, list]:
+        T = self.schedule.num_timesteps
+        if num_steps is None or num_steps == T:
+            return self.schedule, list(range(T))
+        ts = spaced_timesteps(T, int(num_steps))
+        return self.schedule.respace(ts), ts
+
+    @torch.no_grad()
+    def sample(self, num_images: int, seed: int = 0, batch_size: Optional[int] = None,
+               num_steps: Optional[int] = None, sample_shape: Optional[Sequence[int]] = None, start_index: int = 0,
+               progress: bool = False) -> torch.Tensor:
+        """Images start_index .. start_index + num_images - 1 of the run ``seed``, as float32 [N, C, H, W]
+        on the CPU (clamped to [-1, 1] when clip_sample is on)."""
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images <= 0:
+            raise ValueError(f"num_images: expected a positive int, got {num_images!r}")
+        shape = tuple(sample_shape) if sample_shape is not None else self.default_shape
+        if shape is None or len(shape) != 3:
+            raise ValueError("sample_shape: a bare callable has no config; pass sample_shape=(C, H, W)")
+        batch_size = batch_size or min(num_images, 256)
+        if batch_size <= 0:
+            raise ValueError(f"batch_size: expected a positive int, got {batch_size}")
+        sched, ts = self._plan(num_steps)
+        tables = sched.to(self.device)  # built once: no host copy per step
+        t_model = torch.tensor(ts, dtype=torch.long, device=self.device)
+        bar = None
+        if progress:
+            try:
+                from tqdm import tqdm
+
+                bar = tqdm(total=num_images * len(ts), unit="img-step")
+            except ImportError:
+                pass
+        out = []
+        for i0 in range(start_index, start_index + num_images, batch_size):
+            b = min(batch_size, start_index + num_images - i0)
+            x = ops.philox_randn((b, *shape), seed, t=0, stream=STREAM_INIT, sample_offset=i0, device=self.device)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            run = self._run_graphed if self.cuda_graphs else self._run_eager
+            x = run(x, tables, t_model, seed, i0, bar)
+            out.append(x.float().cpu())
+        if bar is not None:
+            bar.close()
+        images = torch.cat(out)
+        return images.clamp(-1, 1) if self.options["clip_sample"] else images
+
+    def _step(self, x, tables, k, t_vec_model, t_idx, seed, i0):
+        eps = self._eps(x, t_vec_model)
+        if k is not None:
+            self._check_output(eps, x)
+        return ops.p_step(x, eps, t_idx, tables, seed=seed, sample_offset=i0, backend=self.backend, **self.options)
+
+    def _run_eager(self, x, tables, t_model, seed, i0, bar):
+        b = x.shape[0]
+        for k in range(len(t_model) - 1, -1, -1):
+            x = self._step(x, tables, k, t_model[k].expand(b), k, seed, i0)
+            if bar is not None:
+                bar.update(b)
+        return x
+
+    def _run_graphed(self, x, tables, t_model, seed, i0, bar):
+        # Static buffers: the sample, the model's timestep and the schedule index, refreshed by
+        # device-side copies before each replay.
+        b = x.shape[0]
+        x_static = x.clone()
+        t_model_static = t_model[-1:].expand(b).clone()
+        t_idx_static = torch.full((b,), len(t_model) - 1, dtype=torch.long, device=self.device)
+        idx_table = torch.arange(len(t_model), dtype=torch.long, device=self.device)
+        self._check_output(self._eps(x_static, t_model_static), x_static)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up outside the graph (allocator, autotuning, lazy init)
+            for _ in range(2):
+                self._step(x_static, tables, None, t_model_static, t_idx_static, seed, i0)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y_static = self._step(x_static, tables, None, t_model_static, t_idx_static, seed, i0)
+        for k in range(len(t_model) - 1, -1, -1):
+            t_model_static.copy_(t_model[k].expand(b))
+            t_idx_static.copy_(idx_table[k].expand(b))
+            graph.replay()
+            x_static.copy_(y_static)
+            if bar is not None:
+                bar.update(b)
+        return x_static

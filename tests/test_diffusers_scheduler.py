@@ -1,0 +1,131 @@
+"""FastDDPMScheduler against diffusers' DDPMScheduler, step for step with the same generator."""
+
+import itertools
+
+import pytest
+import torch
+
+from conftest import rel_err
+
+diffusers = pytest.importorskip("diffusers")
+from ddpm_fast.diffusers import FastDDPMScheduler  # noqa: E402
+
+CONFIGS = [dict(variance_type=v, prediction_type=p, clip_sample=c, thresholding=th)
+           for v, p, c, th in itertools.product(["fixed_small", "fixed_small_log", "fixed_large", "learned_range"],
+                                                ["epsilon", "sample", "v_prediction"], [True, False], [False, True])
+           if not (th and c)]
+SPACINGS = [None, ("leading", 25), ("trailing", 25), ("linspace", 25), ("custom", [900, 500, 120, 7, 0])]
+
+
+def float64_truth(fast, cfg, x, out, t, noise):
+    """The reference step in float64 on the schedule FastDDPMScheduler built (None where it defers
+    to diffusers' own code)."""
+    import ddpm_fast as df
+    from ddpm_fast.diffusers import VARIANCE
+
+    sched, index = fast._fast_schedule()
+    k = t if index is None else index.get(t)
+    if k is None or (k == 0 and t > 0):
+        return None
+    c = fast.config
+    return df.reference.p_step(x.double(), out.double(), k, sched, noise=noise.double(), prediction=c.prediction_type,
+                               variance=VARIANCE[c.variance_type], clip_sample=c.clip_sample,
+                               clip_range=c.clip_sample_range, thresholding=c.thresholding,
+                               dynamic_thresholding_ratio=c.dynamic_thresholding_ratio,
+                               sample_max_value=c.sample_max_value)
+
+
+def run_both(cfg, spacing, gen_seed, shape=(2, 3, 6, 6)):
+    ref, fast = diffusers.DDPMScheduler(**cfg), FastDDPMScheduler(**cfg)
+    for s in (ref, fast):
+        if spacing is None:
+            continue
+        if spacing[0] == "custom":
+            s.set_timesteps(timesteps=spacing[1])
+        else:
+            s.register_to_config(timestep_spacing=spacing[0])
+            s.set_timesteps(spacing[1])
+    g = torch.Generator().manual_seed(gen_seed)
+    x = torch.randn(shape, generator=g)
+    C = shape[1]
+    timesteps = ref.timesteps if spacing is not None else torch.tensor([999, 998, 500, 3, 1, 0])
+    xr, xf = x.clone(), x.clone()
+    gr, gf = torch.Generator().manual_seed(gen_seed + 1), torch.Generator().manual_seed(gen_seed + 1)
+    for t in timesteps:
+        out = torch.randn(shape[0], 2 * C if cfg["variance_type"] == "learned_range" else C, *shape[2:], generator=g)
+        noise = torch.randn(shape, generator=torch.Generator().set_state(gr.get_state()))  # what both will draw
+        a = ref.step(out, t, xr, generator=gr)
+        b = fast.step(out, t, xf, generator=gf)
+        truth = float64_truth(fast, cfg, xr, out, int(t), noise)
+        if truth is not None:
+            # fp32 rounding of the float64 truth; diffusers' float32 tables lose digits at small t
+            # (1 - abar_t / abar_prev cancels), ours are rounded from float64.
+            err_fast, err_ref = rel_err(b.prev_sample, truth), rel_err(a.prev_sample, truth)
+            assert err_fast < 1e-6 and err_fast <= 2 * err_ref + 1e-7, (int(t), err_fast, err_ref)
+        assert rel_err(b.prev_sample, a.prev_sample) < 2e-4, int(t)
+        assert rel_err(b.pred_original_sample, a.pred_original_sample) < 1e-4, int(t)
+        xr, xf = a.prev_sample, a.prev_sample  # both continue from the same state
+    assert torch.equal(gr.get_state(), gf.get_state())  # the same draws were made
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_step_matches_ddpm_scheduler(cfg):
+    run_both(cfg, None, 0)
+
+
+@pytest.mark.parametrize("spacing", SPACINGS[1:], ids=lambda s: s[0])
+@pytest.mark.parametrize("variance", ["fixed_small", "learned_range"])
+def test_step_matches_with_spacing(spacing, variance):
+    run_both(dict(variance_type=variance), spacing, 1)
+
+
+def test_step_list_of_generators():
+    ref, fast = diffusers.DDPMScheduler(), FastDDPMScheduler()
+    x = torch.randn(3, 1, 4, 4)
+    out = torch.randn(3, 1, 4, 4)
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(3)]  # noqa: E731
+    assert rel_err(fast.step(out, 400, x, generator=gens()).prev_sample,
+                   ref.step(out, 400, x, generator=gens()).prev_sample) < 2e-5
+
+
+def test_config_roundtrip_and_add_noise(tmp_path):
+    ref = diffusers.DDPMScheduler(beta_schedule="squaredcos_cap_v2", variance_type="fixed_large")
+    fast = FastDDPMScheduler.from_config(ref.config)
+    fast.save_pretrained(tmp_path)
+    again = FastDDPMScheduler.from_pretrained(tmp_path)
+    public = lambda c: {k: v for k, v in dict(c).items() if not k.startswith("_")}  # noqa: E731
+    assert public(again.config) == public(fast.config) == public(ref.config)
+    x, e = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5)
+    t = torch.tensor([0, 10, 500, 999])
+    # diffusers' float32 cumprod drifts ~1e-5 from the exact cosine abar near t = T; ours is exact
+    assert rel_err(again.add_noise(x, e, t), ref.add_noise(x, e, t)) < 1e-5
+
+
+def test_without_generator_uses_philox_reproducibly():
+    s = FastDDPMScheduler()
+    x, out = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    torch.manual_seed(5)
+    a = FastDDPMScheduler().step(out, 300, x).prev_sample
+    torch.manual_seed(5)
+    b = FastDDPMScheduler().step(out, 300, x).prev_sample
+    assert torch.equal(a, b)
+    assert torch.equal(s.step(out, 0, x).prev_sample, s.step(out, 0, x).prev_sample)  # no noise at t = 0
+
+
+@pytest.mark.slow
+def test_ddpm_pipeline_runs_unchanged():
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                 block_out_channels=(16, 32), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                                 attention_head_dim=None).eval()
+    ref_pipe = diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler())
+    fast_pipe = diffusers.DDPMPipeline(unet=unet, scheduler=FastDDPMScheduler.from_config(ref_pipe.scheduler.config))
+    kw = dict(batch_size=2, num_inference_steps=20, output_type="np")
+    a = ref_pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    b = fast_pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    assert abs(a - b).max() < 1e-4
+    import ddpm_fast as df
+
+    df.accelerate(fast_pipe.unet)
+    c = fast_pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    assert abs(a - c).max() < 1e-3

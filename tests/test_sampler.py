@@ -1,0 +1,154 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import ddpm_fast as df
+from conftest import rel_err, requires_cuda
+from ddpm_fast.models import DDPMUNet
+
+
+def tiny_net(gen, out_channels=1):
+    net = DDPMUNet(in_channels=1, out_channels=out_channels, ch=16, ch_mult=(1, 2), num_res_blocks=1,
+                   attn_resolutions=(4,), dropout=0.0, image_size=8, num_groups=4)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (0.3 / max(1, p[0].numel()) ** 0.5))
+    return net.eval()
+
+
+def elementwise_model(x, t):
+    """A model whose arithmetic cannot depend on the batch size (no GEMM, no reduction)."""
+    return 0.5 * torch.tanh(x) + (t.float() / 1000)[:, None, None, None]
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_sampler_is_batch_invariant_bit_for_bit(backend):
+    sampler = df.DDPMSampler(elementwise_model, df.NoiseSchedule.linear(100), backend=backend)
+    a = sampler.sample(8, seed=3, batch_size=8, sample_shape=(3, 5, 5))
+    for bs in (3, 1):
+        assert torch.equal(sampler.sample(8, seed=3, batch_size=bs, sample_shape=(3, 5, 5)), a)
+
+
+def test_images_independent_of_batch_size(gen):
+    sampler = df.DDPMSampler(tiny_net(gen), df.NoiseSchedule.linear(100))
+    a = sampler.sample(8, seed=3, batch_size=8, num_steps=12)
+    b = sampler.sample(8, seed=3, batch_size=3, num_steps=12)
+    c = sampler.sample(8, seed=3, batch_size=1, num_steps=12)
+    assert a.shape == (8, 1, 8, 8) and a.dtype == torch.float32
+    # Everything the sampler does is batch-invariant bit for bit (above); the U-Net's own GEMMs block
+    # differently for different batch sizes, which moves the last bit of its output.
+    assert (a - b).abs().max() < 1e-5 and (a - c).abs().max() < 1e-5
+    # image i depends on (seed, i) only: a later slice of the run is the same images
+    assert (sampler.sample(3, seed=3, num_steps=12, start_index=5) - a[5:]).abs().max() < 1e-5
+    assert not torch.equal(sampler.sample(8, seed=4, num_steps=12), a)
+    assert a.min() >= -1 and a.max() <= 1
+
+
+def test_kernel_and_reference_backends_agree(gen):
+    net, s = tiny_net(gen), df.NoiseSchedule.linear(50)
+    fast = df.DDPMSampler(net, s).sample(4, seed=1, num_steps=10)
+    ref = df.DDPMSampler(net, s, backend="reference").sample(4, seed=1, num_steps=10)
+    assert rel_err(fast, ref) < 1e-4  # Philox normals agree to ~1e-6 between backends
+
+
+def test_bare_callable_learned_range_and_errors(gen):
+    s = df.NoiseSchedule.cosine(20)
+
+    def eps_model(x, t):
+        return torch.cat([0.1 * x, torch.tanh(x)], 1)
+
+    sampler = df.DDPMSampler(eps_model, s, variance="learned_range", clip_sample=False)
+    out = sampler.sample(3, seed=0, sample_shape=(2, 5, 5))
+    assert out.shape == (3, 2, 5, 5) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="sample_shape"):
+        sampler.sample(3)
+    with pytest.raises(ValueError, match="num_images"):
+        sampler.sample(0, sample_shape=(2, 5, 5))
+    with pytest.raises(ValueError, match="does not fit"):
+        df.DDPMSampler(lambda x, t: x[:, :1], s).sample(2, sample_shape=(2, 4, 4))
+    with pytest.raises(ValueError, match="dtype"):
+        df.DDPMSampler(eps_model, s, dtype="int8")
+    with pytest.raises(ValueError, match="backend"):
+        df.DDPMSampler(eps_model, s, backend="tpu")
+    with pytest.raises(ValueError, match="num_steps"):
+        df.DDPMSampler(eps_model, s).sample(1, sample_shape=(2, 4, 4), num_steps=50)
+
+
+def test_respacing_keeps_the_abar_subsequence():
+    ts = df.sampler.spaced_timesteps(1000, 50)
+    assert len(ts) == 50 and ts[0] == 0 and ts[-1] == 999
+
+
+def test_diffusers_unet_defaults(gen):
+    diffusers = pytest.importorskip("diffusers")
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=2, layers_per_block=1,
+                                 block_out_channels=(16, 32), down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    sampler = df.DDPMSampler(unet, df.NoiseSchedule.linear(30))
+    assert sampler.options["variance"] == "learned_range" and sampler.default_shape == (1, 8, 8)
+    out = sampler.sample(2, num_steps=5)
+    assert out.shape == (2, 1, 8, 8)
+
+
+def test_to_uint8():
+    x = torch.tensor([[[[-1.0, 0.0], [1.0, 2.0]]]])
+    u = df.to_uint8(x)
+    assert u.dtype == torch.uint8 and u.shape == (1, 2, 2, 1)
+    assert u.flatten().tolist() == [0, 128, 255, 255]
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_graphs_change_nothing(gen):
+    net = tiny_net(gen).cuda()
+    s = df.NoiseSchedule.linear(40)
+    with_graphs = df.DDPMSampler(net, s, cuda_graphs=True).sample(6, seed=2, batch_size=4)
+    without = df.DDPMSampler(net, s, cuda_graphs=False).sample(6, seed=2, batch_size=3)
+    assert torch.equal(with_graphs, without)
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "ddpm_fast", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.mark.slow
+def test_cli_sample_one_and_two_processes(tmp_path, gen):
+    ckpt = tmp_path / "tiny.pt"
+    tiny_net(gen).save(str(ckpt), df.NoiseSchedule.linear(20), sampling=dict(clip_sample=True))
+    one = run_cli("sample", "--model", str(ckpt), "--num", "8", "--batch-size", "3", "--out", str(tmp_path / "a"))
+    assert one.returncode == 0, one.stderr
+    assert "images/s" in one.stdout and "ms per step" in one.stdout
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                          "-m", "ddpm_fast", "sample", "--model", str(ckpt), "--num-images", "8", "--batch-size", "2",
+                          "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = np.load(tmp_path / "a" / "samples.npz")["arr_0"]
+    b = np.load(tmp_path / "b" / "samples.npz")["arr_0"]
+    assert a.shape == (8, 8, 8, 1) and a.dtype == np.uint8
+    # same images; batches of 3 vs 2 may move the U-Net's last bit, so a pixel may round the other way
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    assert (tmp_path / "a" / "grid.png").stat().st_size > 0
+
+
+def test_cli_sample_bad_input(tmp_path, gen):
+    r = run_cli("sample", "--num", "0", "--out", str(tmp_path))
+    assert r.returncode == 2 and "--num-images" in r.stderr
+    r = run_cli("sample", "--model", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "missing.pt" in r.stderr
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    r = run_cli("sample", "--model", str(bad), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "cannot read checkpoint" in r.stderr
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    if not os.access(ro, os.W_OK):  # root can write anywhere
+        r = run_cli("sample", "--out", str(ro / "x"))
+        assert r.returncode == 2 and "--out" in r.stderr
+    r = run_cli("sample", "--dtype", "int4")
+    assert r.returncode == 2
