@@ -7,10 +7,10 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from . import diffusion, group_norm
+from . import diffusion, e2e, group_norm
 from .harness import Row, finish_rows, measure_floors, metadata, time_fn, write_results
 
-SUITES = {"q_sample": diffusion.cases, "p_step": diffusion.cases, "group_norm": group_norm.cases}
+SUITES = {"q_sample": diffusion.cases, "p_step": diffusion.cases, "group_norm": group_norm.cases, "e2e": e2e.cases}
 
 
 def run(ops: Optional[Sequence[str]] = None, quick: bool = False, out_dir: Optional[str] = "benchmarks/results",
@@ -30,7 +30,7 @@ def run(ops: Optional[Sequence[str]] = None, quick: bool = False, out_dir: Optio
             timing = time_fn(case.fn, dev, min_time_s=0.1 if quick else 0.3)
             rows.append(Row(op=case.op, size=case.size, impl=case.impl, numel=case.numel,
                             dtype=str(case.dtype).replace("torch.", ""), bytes=case.bytes, flops=case.flops,
-                            baseline=case.baseline, **timing))
+                            baseline=case.baseline, steps=case.steps, images=case.images, **timing))
     finish_rows(rows, floors)
     meta = metadata(dev, command or " ".join(["ddpm-fast"] + sys.argv[1:]))
     from .harness import markdown

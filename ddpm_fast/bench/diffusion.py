@@ -38,6 +38,8 @@ class Case:
     bytes: int
     flops: int
     baseline: bool
+    steps: int = 0  # end-to-end cases: sampling steps per call, and images per call
+    images: int = 0
 
 
 def kernel_backends(op: str, device: torch.device) -> List[str]:

@@ -104,6 +104,10 @@ class Row:
     frac_matmul_floor: float = 0.0
     baseline: bool = False
     vs: Dict[str, float] = field(default_factory=dict)  # baseline impl -> its time / this time
+    steps: int = 0  # end-to-end rows: sampling steps timed, images per call, and what follows
+    images: int = 0
+    ms_per_step: float = 0.0
+    images_per_s_1000_steps: float = 0.0
 
 
 def finish_rows(rows: List[Row], floors: Dict[str, float]) -> None:
@@ -113,6 +117,9 @@ def finish_rows(rows: List[Row], floors: Dict[str, float]) -> None:
         r.frac_copy_floor = r.gbps / floors["copy_gbps"]
         r.tflops = r.flops / s / 1e12
         r.frac_matmul_floor = r.tflops / floors["matmul_tflops"]
+        if r.steps:
+            r.ms_per_step = r.median_ms / r.steps
+            r.images_per_s_1000_steps = r.images / (r.ms_per_step * 1000 / 1e3)
     for r in rows:
         r.vs = {b.impl: b.median_ms / r.median_ms for b in rows
                 if b.baseline and b.op == r.op and b.size == r.size and b is not r}
@@ -171,14 +178,25 @@ def markdown(rows: List[Row], floors: Dict[str, float], meta: Dict[str, object])
         f"Command: `{meta['command']}`",
         f"Floors measured in this run: copy {floors['copy_gbps']:.1f} GB/s, "
         f"{floors['matmul_dtype']} matmul {floors['matmul_tflops']:.2f} TFLOP/s",
-        "",
-        "| op | size | impl | median ms | GB/s | % copy floor | vs baselines (their time / this) |",
-        "| --- | --- | --- | ---: | ---: | ---: | --- |",
     ]
+    if any(not r.steps for r in rows):
+        lines += ["", "| op | size | impl | median ms | GB/s | % copy floor | vs baselines (their time / this) |",
+                  "| --- | --- | --- | ---: | ---: | ---: | --- |"]
     for r in rows:
+        if r.steps:
+            continue
         vs = ", ".join(f"{k} {v:.2f}x" for k, v in r.vs.items())
         lines.append(f"| {r.op} | {r.size} | {r.impl}{' (baseline)' if r.baseline else ''} | {r.median_ms:.4f} | "
                      f"{r.gbps:.2f} | {100 * r.frac_copy_floor:.1f}% | {vs} |")
+    e2e = [r for r in rows if r.steps]
+    if e2e:
+        lines += ["", f"End to end ({e2e[0].steps} steps timed per call; every one of the 1000 steps costs the same):",
+                  "", "| batch | impl | ms per step | images/s (1000 steps) | MFU | vs baselines |",
+                  "| --- | --- | ---: | ---: | ---: | --- |"]
+        for r in e2e:
+            vs = ", ".join(f"{k} {v:.2f}x" for k, v in r.vs.items())
+            lines.append(f"| {r.size} | {r.impl}{' (baseline)' if r.baseline else ''} | {r.ms_per_step:.2f} | "
+                         f"{r.images_per_s_1000_steps:.4f} | {100 * r.frac_matmul_floor:.1f}% | {vs} |")
     return "\n".join(lines) + "\n"
 
 
@@ -188,7 +206,7 @@ def plot(rows: List[Row], floors: Dict[str, float], meta: Dict[str, object], pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ops = sorted({r.op for r in rows})
+    ops = sorted({r.op for r in rows if not r.steps})
     fig, axes = plt.subplots(1, len(ops) + 1, figsize=(6 * (len(ops) + 1), 4.5), squeeze=False)
     for ax, op in zip(axes[0], ops):
         for impl in sorted({r.impl for r in rows if r.op == op}):
@@ -202,7 +220,7 @@ def plot(rows: List[Row], floors: Dict[str, float], meta: Dict[str, object], pat
     xs = [2.0**k for k in range(-6, 12)]
     ax.plot(xs, [min(peak_fl, x * peak_bw) / 1e12 for x in xs], "k--", lw=1, label="roofline (measured floors)")
     markers = "osD^v<>"
-    for k, (op, impl) in enumerate(sorted({(r.op, r.impl) for r in rows if r.flops and r.bytes})):
+    for op, impl in sorted({(r.op, r.impl) for r in rows if r.flops and r.bytes}):
         pts = [(r.flops / r.bytes, r.tflops) for r in rows if r.op == op and r.impl == impl]
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=16, marker=markers[ops.index(op) % len(markers)],
                    label=f"{op} / {impl}")

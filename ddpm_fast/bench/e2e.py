@@ -1,0 +1,81 @@
+"""End-to-end sampling: the DDPM CIFAR-10 U-Net (35.7M parameters, 12.1 GFLOP per image per step)
+with random weights, timed over a number of steps and reported per step and as images/s for the
+full 1000 steps (every step costs the same: one U-Net call and one update).
+
+Variants: diffusers' DDPMPipeline in fp32 and under bf16 autocast, torch.compile(max-autotune) of
+its UNet (GPU only), FastDDPMScheduler alone, accelerate() + FastDDPMScheduler, and DDPMSampler in
+fp32 and bf16 with CUDA graphs on and off (graphs on CUDA only).  MFU = achieved FLOP/s over the
+matmul floor measured in the same run.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Iterator
+
+import torch
+
+from .diffusion import Case
+
+GFLOP_PER_IMAGE_STEP = 12.1
+FULL_STEPS = 1000
+CIFAR10 = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(128, 256, 256, 256),
+               down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+               up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None,
+               norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1)
+
+
+def plan(device: torch.device, quick: bool):
+    """(batch sizes, steps timed per call): a few hundred steps on a GPU; on a 2-core CPU one U-Net
+    call takes seconds, so few steps and small batches."""
+    if device.type == "cuda":
+        return ([1, 64] if quick else [1, 64, 256]), (20 if quick else 200)
+    return ([1] if quick else [1, 8]), (2 if quick else 3)
+
+
+def cases(op: str, device: torch.device, quick: bool) -> Iterator[Case]:
+    import diffusers
+
+    from .. import DDPMSampler, accelerate
+    from ..diffusers import FastDDPMScheduler
+    from ..models import DDPMUNet
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(**CIFAR10).to(device).eval()
+    fast_unet = accelerate(copy.deepcopy(unet))
+    ours = DDPMUNet.from_diffusers(unet).to(device)
+    batches, steps = plan(device, quick)
+
+    def pipeline(model, scheduler_cls, batch, autocast=None):
+        pipe = diffusers.DDPMPipeline(unet=model, scheduler=scheduler_cls())
+        pipe.set_progress_bar_config(disable=True)
+
+        def run():
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                pipe(batch_size=batch, num_inference_steps=steps, generator=torch.Generator(device).manual_seed(0),
+                     output_type="np")
+        return run
+
+    for batch in batches:
+        common = dict(op=op, size=f"b{batch}", numel=batch * 3 * 32 * 32, dtype=torch.float32, bytes=0,
+                      flops=int(GFLOP_PER_IMAGE_STEP * 1e9 * batch * steps), steps=steps, images=batch)
+        yield Case(impl="diffusers DDPMPipeline fp32", fn=pipeline(unet, diffusers.DDPMScheduler, batch),
+                   baseline=True, **common)
+        yield Case(impl="diffusers DDPMPipeline bf16 autocast",
+                   fn=pipeline(unet, diffusers.DDPMScheduler, batch, torch.bfloat16), baseline=True, **common)
+        if device.type == "cuda":
+            compiled = copy.deepcopy(unet)
+            compiled.forward = torch.compile(compiled.forward, mode="max-autotune")
+            yield Case(impl="diffusers + torch.compile(max-autotune) bf16",
+                       fn=pipeline(compiled, diffusers.DDPMScheduler, batch, torch.bfloat16), baseline=True,
+                       **common)
+        yield Case(impl="FastDDPMScheduler", fn=pipeline(unet, FastDDPMScheduler, batch), baseline=False, **common)
+        yield Case(impl="accelerate + FastDDPMScheduler", fn=pipeline(fast_unet, FastDDPMScheduler, batch),
+                   baseline=False, **common)
+        for dtype in (torch.float32, torch.bfloat16):
+            for graphs in ([False, True] if device.type == "cuda" else [False]):
+                sampler = DDPMSampler(ours, dtype=dtype, cuda_graphs=graphs, device=device)
+                name = f"DDPMSampler {str(dtype)[6:]}" + (" graphs" if graphs else "")
+                yield Case(impl=name, fn=lambda s=sampler, b=batch: s.sample(b, seed=0, num_steps=steps),
+                           baseline=False, **common)
+
