@@ -40,6 +40,74 @@ class FusedGroupNormSiLU(FusedGroupNorm):
     silu = True
 
 
+class QKVCache:
+    """cat(W_q, W_k, W_v) and cat(b_q, b_k, b_v) for one GEMM, rebuilt when a weight changes (its
+    version counter moves); the modules' own parameters are never touched."""
+
+    def __init__(self):
+        self.key, self.w, self.b = None, None, None
+
+    def get(self, q: nn.Linear, k: nn.Linear, v: nn.Linear):
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for m in (q, k, v) for p in (m.weight, m.bias))
+        if key != self.key:
+            self.w = torch.cat([q.weight, k.weight, v.weight]).detach()
+            self.b = torch.cat([q.bias, k.bias, v.bias]).detach()
+            self.key = key
+        return self.w, self.b
+
+
+def fused_attention_block(x: torch.Tensor, norm: nn.GroupNorm, q: nn.Linear, k: nn.Linear, v: nn.Linear,
+                          out: nn.Linear, heads: int, cache: QKVCache, scale: Optional[float] = None,
+                          rescale_output_factor: float = 1.0, residual: bool = True) -> torch.Tensor:
+    """The U-Net's self-attention block on x [B, C, H, W] in four GEMM/kernel launches (+ a bias add):
+    fused GroupNorm; one GEMM for q, k and v (bias in its epilogue) read through a transposed view of
+    the normalised map; the fused attention on strided views of that GEMM's output; the output
+    projection as a batched GEMM whose epilogue adds the residual x.  The result is x's shape in
+    channels_last strides (a view of the [B, L, C] GEMM output)."""
+    B, C, H, W = x.shape
+    L = H * W
+    h = ops.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+    w_qkv, b_qkv = cache.get(q, k, v)
+    qkv = torch.nn.functional.linear(h.reshape(B, C, L).transpose(1, 2), w_qkv.to(h.dtype), b_qkv.to(h.dtype))
+    d = C // heads
+    q_, k_, v_ = (t.reshape(B, L, heads, d).transpose(1, 2) for t in qkv.split(C, dim=-1))
+    o = ops.attention(q_, k_, v_, scale=scale).transpose(1, 2).reshape(B, L, C)
+    w_o = out.weight.to(o.dtype).t().expand(B, C, C)
+    if residual:
+        y = torch.baddbmm(x.reshape(B, C, L).transpose(1, 2).to(o.dtype), o, w_o)
+    else:
+        y = torch.bmm(o, w_o)
+    y = y.add_(out.bias.to(y.dtype))
+    if rescale_output_factor != 1.0:
+        y = y.div_(rescale_output_factor)
+    return y.transpose(1, 2).reshape(B, C, H, W)
+
+
+class FusedAttnProcessor:
+    """A diffusers attention processor running fused_attention_block for the U-Net's spatial
+    self-attention (4-D input, no encoder states, no mask, a group norm); anything else, and any
+    call that needs autograd, goes to diffusers' own AttnProcessor2_0."""
+
+    def __init__(self):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.fallback = AttnProcessor2_0()
+        self.cache = QKVCache()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
+        plain = (hidden_states.dim() == 4 and encoder_hidden_states is None and attention_mask is None
+                 and attn.group_norm is not None and getattr(attn, "spatial_norm", None) is None
+                 and not getattr(attn, "norm_cross", False) and attn.to_q.bias is not None
+                 and attn.to_out[0].bias is not None and not torch.is_grad_enabled())
+        if not plain:
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        return fused_attention_block(hidden_states, attn.group_norm, attn.to_q, attn.to_k, attn.to_v, attn.to_out[0],
+                                     attn.heads, self.cache, scale=attn.scale,
+                                     rescale_output_factor=attn.rescale_output_factor,
+                                     residual=attn.residual_connection)
+
+
 def _is_silu(m: nn.Module) -> bool:
     return isinstance(m, nn.SiLU) or getattr(m, "__name__", None) == "silu" or m is torch.nn.functional.silu
 
@@ -77,7 +145,9 @@ def accelerate(model: nn.Module) -> nn.Module:
     - a diffusers UNet2DModel: in every ResnetBlock2D with SiLU, norm1 + SiLU and norm2 + SiLU
       become one FusedGroupNormSiLU each and the time-embedding add (or scale-shift) moves into
       norm2; conv_norm_out + conv_act become one FusedGroupNormSiLU.  The SiLU module the block
-      also applies to the time embedding is kept for that.
+      also applies to the time embedding is kept for that.  Every Attention module gets a
+      FusedAttnProcessor (set_processor), which honours residual_connection,
+      rescale_output_factor and the group norm.
     """
     from .models import DDPMUNet
 
@@ -96,6 +166,11 @@ def accelerate(model: nn.Module) -> nn.Module:
             m.norm1 = FusedGroupNormSiLU.wrap(m.norm1)
             m.norm2 = FusedGroupNormSiLU.wrap(m.norm2)
             m.forward = types.MethodType(_fused_resnet_forward, m)
+    from diffusers.models.attention_processor import Attention
+
+    for m in model.modules():
+        if isinstance(m, Attention) and not isinstance(m.processor, FusedAttnProcessor):
+            m.set_processor(FusedAttnProcessor())
     if isinstance(getattr(model, "conv_norm_out", None), nn.GroupNorm) and not isinstance(
             model.conv_norm_out, FusedGroupNorm) and _is_silu(getattr(model, "conv_act", None)):
         model.conv_norm_out = FusedGroupNormSiLU.wrap(model.conv_norm_out)

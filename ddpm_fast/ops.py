@@ -9,9 +9,11 @@ saying why.  Backends never call each other.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 
 from . import _checks, _ext
 from . import reference as ref
@@ -30,7 +32,7 @@ KERNELS = {
     "q_sample": ("cpu", "cuda", "triton"),
     "p_step": ("cpu", "cuda", "triton"),
     "group_norm": ("cpu", "cuda", "triton"),
-    "attention": (),
+    "attention": ("triton",),
 }
 
 
@@ -282,5 +284,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
               backend: str = "auto") -> torch.Tensor:
     """softmax(q k^T * scale) v on [B, heads, L, d]; scale defaults to 1/sqrt(d)."""
     check_attention(q, k, v, scale)
-    pick_backend("attention", backend, q.device, q.dtype, _needs_grad(q, k, v))
+    which = pick_backend("attention", backend, q.device, q.dtype, _needs_grad(q, k, v))
+    d = q.shape[-1]
+    if which == "triton":
+        from .triton.attention import MAX_HEAD_DIM, attention as kernel
+
+        if d <= MAX_HEAD_DIM:
+            return kernel(q, k, v, scale)
+        if backend != "auto":
+            raise BackendUnavailableError(f"backend='triton': head dimension d={d} is above the kernel's "
+                                          f"{MAX_HEAD_DIM}; use backend='auto' (SDPA) or 'reference'")
+        _warn_once(f"ddpm_fast.attention: d={d} > {MAX_HEAD_DIM}, falling back to "
+                   "torch.nn.functional.scaled_dot_product_attention")
+        which = "sdpa"
+    if which == "sdpa" or (backend == "auto" and which == "reference" and q.dtype != torch.float64):
+        # Where no kernel of ours runs (the CPU; d above the kernel's limit) torch's SDPA is the fast path.
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
     return attention_math(q, k, v, scale)
+
+
+_WARNED = set()
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        warnings.warn(msg, stacklevel=3)

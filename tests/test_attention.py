@@ -56,3 +56,99 @@ def test_block_matches_diffusers_attention(gen):
 def test_bad_input(q, k, v, exc, match):
     with pytest.raises(exc, match=match):
         df.attention(q, k, v)
+
+
+# ----------------------------------------------------------------- fused kernels
+from conftest import backend_device, needs  # noqa: E402
+
+TRITON = [pytest.param("triton", marks=[needs("triton"), pytest.mark.triton])]
+SIZES = [(32, 1), (32, 16), (64, 255), (128, 256), (256, 16), (32, 1024)]
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("d,L", SIZES, ids=[f"d{d}-L{L}" for d, L in SIZES])
+@pytest.mark.parametrize("heads", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kernel_matches_float64(backend, d, L, heads, dtype, gen, poison):
+    if heads == 4 and L > 256:
+        pytest.skip("kept small under the interpreter: one head covers L = 1024")
+    dev = backend_device(backend)
+    q, k, v = (torch.randn(2, heads, L, d, generator=gen, dtype=torch.float64) for _ in range(3))
+    ref = df.reference.attention(q, k, v)
+    qd, kd, vd = (t.to(dev, dtype) for t in (q, k, v))
+    out = df.attention(qd, kd, vd, backend=backend)
+    assert out.dtype == dtype and out.shape == q.shape
+    err = rel_err(out, ref)
+    if dtype == torch.float32:
+        assert err < 1e-5, err
+    else:  # the flash-attention rule: no worse than twice eager PyTorch in the same dtype
+        s = (qd @ kd.transpose(-1, -2)) / math.sqrt(d)
+        eager = torch.softmax(s.float(), -1).to(dtype) @ vd
+        assert err <= 2 * rel_err(eager, ref) + 1e-6, (err, rel_err(eager, ref))
+
+
+@pytest.mark.parametrize("backend", TRITON)
+def test_kernel_strided_inputs_and_cross_lengths(backend, gen):
+    dev = backend_device(backend)
+    qkv = torch.randn(2, 40, 3 * 64, generator=gen).to(dev)  # [B, L, 3C] as a fused projection writes it
+    q, k, v = (t.reshape(2, 40, 1, 64).transpose(1, 2) for t in qkv.split(64, dim=-1))
+    assert not q.is_contiguous()
+    out = df.attention(q, k, v, backend=backend)
+    assert rel_err(out, df.reference.attention(q.double(), k.double(), v.double())) < 1e-5
+    kk, vv = k[:, :, :17], v[:, :, :17]
+    assert rel_err(df.attention(q, kk, vv, scale=0.2, backend=backend),
+                   df.reference.attention(q.double(), kk.double(), vv.double(), scale=0.2)) < 1e-5
+
+
+def test_large_head_dim_falls_back_once(gen):
+    q = torch.randn(1, 1, 8, 320, generator=gen)
+    out = df.attention(q, q, q)  # auto: SDPA (CPU), or SDPA with a one-time warning above d = 256 on a GPU
+    assert rel_err(out, df.reference.attention(q.double(), q.double(), q.double())) < 1e-5
+    if df.available_backends()["triton"] is True:
+        with pytest.raises(df.BackendUnavailableError, match="d=320"):
+            df.attention(q.to(backend_device("triton")), q.to(backend_device("triton")),
+                         q.to(backend_device("triton")), backend="triton")
+
+
+@pytest.mark.parametrize("heads,rescale,residual", [(1, 1.0, True), (2, 2.0, True), (1, 1.0, False)])
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_fused_processor_matches_diffusers_attention(heads, rescale, residual, fmt, gen):
+    pytest.importorskip("diffusers")
+    from diffusers.models.attention_processor import Attention
+
+    from conftest import layout
+    from ddpm_fast.modules import FusedAttnProcessor
+
+    C = 64
+    attn = Attention(C, heads=heads, dim_head=C // heads, norm_num_groups=32, eps=1e-6, residual_connection=residual,
+                     rescale_output_factor=rescale, bias=True, upcast_softmax=True,
+                     _from_deprecated_attn_block=True).eval()
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+        x = layout(torch.randn(2, C, 5, 6, generator=gen), fmt)
+        ref = attn.double()(x.double())
+        attn.float().set_processor(FusedAttnProcessor())
+        out = attn(x)
+    assert out.shape == x.shape
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_our_block_matches_reference_block(gen):
+    from ddpm_fast.models import AttentionBlock
+
+    blk = AttentionBlock(64, groups=32, eps=1e-6).eval()
+    with torch.no_grad():
+        for p in blk.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+        x = torch.randn(3, 64, 4, 7, generator=gen)
+        ref = df.reference.attention_block(x.double(), *(p.double() for p in (
+            blk.group_norm.weight, blk.group_norm.bias, blk.to_q.weight, blk.to_q.bias, blk.to_k.weight,
+            blk.to_k.bias, blk.to_v.weight, blk.to_v.bias, blk.to_out[0].weight, blk.to_out[0].bias)), eps=1e-6)
+        assert rel_err(blk(x), ref) < 1e-5
+        with torch.no_grad():
+            blk.to_q.weight.mul_(0.5)  # the cached q/k/v weight follows the module's parameters
+        ref2 = df.reference.attention_block(x.double(), *(p.double() for p in (
+            blk.group_norm.weight, blk.group_norm.bias, blk.to_q.weight, blk.to_q.bias, blk.to_k.weight,
+            blk.to_k.bias, blk.to_v.weight, blk.to_v.bias, blk.to_out[0].weight, blk.to_out[0].bias)), eps=1e-6)
+        assert rel_err(blk(x), ref2) < 1e-5

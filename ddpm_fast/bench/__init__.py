@@ -7,10 +7,11 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from . import diffusion, e2e, group_norm
+from . import attention, diffusion, e2e, group_norm
 from .harness import Row, finish_rows, measure_floors, metadata, time_fn, write_results
 
-SUITES = {"q_sample": diffusion.cases, "p_step": diffusion.cases, "group_norm": group_norm.cases, "e2e": e2e.cases}
+SUITES = {"q_sample": diffusion.cases, "p_step": diffusion.cases, "group_norm": group_norm.cases,
+          "attention": attention.cases, "e2e": e2e.cases}
 
 
 def run(ops: Optional[Sequence[str]] = None, quick: bool = False, out_dir: Optional[str] = "benchmarks/results",

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..modules import FusedGroupNorm, FusedGroupNormSiLU
+from ..modules import FusedGroupNorm, FusedGroupNormSiLU, QKVCache, fused_attention_block
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = False, freq_shift: float = 1.0,
@@ -82,8 +82,12 @@ class AttentionBlock(nn.Module):
         self.to_v = nn.Linear(channels, channels)
         self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
         self.rescale_output_factor = rescale_output_factor
+        self._qkv = QKVCache()
 
     def forward(self, x: torch.Tensor, temb: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return fused_attention_block(x, self.group_norm, self.to_q, self.to_k, self.to_v, self.to_out[0],
+                                         self.heads, self._qkv, rescale_output_factor=self.rescale_output_factor)
         B, C, H, W = x.shape
         tokens = self.group_norm(x).reshape(B, C, H * W).transpose(1, 2)
 
