@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <tuple>
 
+#include "ddpm_fast/launch.h"
 #include "ddpm_fast/step.h"
 #include "normals.h"
 
@@ -34,22 +35,10 @@ struct Geometry {
 };
 
 Geometry geometry(const at::Tensor& x, bool channels_last) {
-  TORCH_CHECK(x.dim() >= 2, "x: expected [B, C, ...]");
+  check_layout(x, channels_last, "x");
   Geometry g{x.size(0), x.size(0) ? x.numel() / x.size(0) : 0, x.size(1), 0, channels_last};
   g.HW = g.C ? g.N / g.C : 0;
-  if (channels_last) {
-    TORCH_CHECK(x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast), "x: expected channels_last");
-  } else {
-    TORCH_CHECK(x.is_contiguous(), "x: expected a contiguous tensor");
-  }
   return g;
-}
-
-void check_table(const at::Tensor& t, const at::Tensor& table, int64_t B) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == B && t.scalar_type() == at::kLong, "t: expected int64 [B]");
-  TORCH_CHECK(table.dim() == 2 && table.size(0) == kTableRows && table.scalar_type() == at::kFloat &&
-                  table.is_contiguous(),
-              "table: expected the schedule's float32 [", int(kTableRows), ", T] table");
 }
 
 // Calls body(b, j_begin, j_end) for every chunk, in parallel.
@@ -189,25 +178,14 @@ void q_sample_kernel(const Geometry& g, const scalar_t* x0, const scalar_t* nois
   });
 }
 
-at::MemoryFormat format_of(bool channels_last) {
-  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-}
-
 at::Tensor p_step_cpu(const at::Tensor& x_t, const at::Tensor& model_output, const at::Tensor& t,
                       const at::Tensor& table, const std::optional<at::Tensor>& noise, int64_t seed,
                       int64_t sample_offset, int64_t prediction, int64_t variance, int64_t form, bool clip_sample,
                       double clip_range, bool channels_last) {
   const Geometry g = geometry(x_t, channels_last);
-  check_table(t, table, g.B);
-  const int64_t out_channels = variance == kLearnedRange ? 2 * g.C : g.C;
-  TORCH_CHECK(model_output.numel() == g.B * g.N / g.C * out_channels && model_output.size(1) == out_channels &&
-                  model_output.is_contiguous(format_of(channels_last)) && model_output.dtype() == x_t.dtype(),
-              "model_output: expected ", out_channels, " channels in x_t's layout and dtype");
-  if (noise) {
-    TORCH_CHECK(noise->sizes() == x_t.sizes() && noise->is_contiguous(format_of(channels_last)) &&
-                    noise->dtype() == x_t.dtype(),
-                "noise: expected x_t's shape, layout and dtype");
-  }
+  check_schedule(t, table, x_t);
+  check_model_output(model_output, x_t, variance, channels_last);
+  if (noise) check_like(*noise, x_t, channels_last, "noise");
   at::Tensor y = at::empty_like(x_t, format_of(channels_last));
   if (x_t.numel() == 0) return y;
   const StepOptions opt{static_cast<int>(prediction), static_cast<int>(variance), static_cast<int>(form), clip_sample,
@@ -225,12 +203,8 @@ std::tuple<at::Tensor, at::Tensor> q_sample_cpu(const at::Tensor& x0, const at::
                                                 const std::optional<at::Tensor>& noise, int64_t seed,
                                                 int64_t sample_offset, bool return_noise, bool channels_last) {
   const Geometry g = geometry(x0, channels_last);
-  check_table(t, table, g.B);
-  if (noise) {
-    TORCH_CHECK(noise->sizes() == x0.sizes() && noise->is_contiguous(format_of(channels_last)) &&
-                    noise->dtype() == x0.dtype(),
-                "noise: expected x0's shape, layout and dtype");
-  }
+  check_schedule(t, table, x0);
+  if (noise) check_like(*noise, x0, channels_last, "noise");
   at::Tensor y = at::empty_like(x0, format_of(channels_last));
   at::Tensor eps = return_noise ? at::empty_like(x0, format_of(channels_last)) : at::empty({0}, x0.options());
   if (x0.numel() == 0) return {y, eps};

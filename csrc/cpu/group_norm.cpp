@@ -13,6 +13,8 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include "ddpm_fast/launch.h"
+
 #include <cmath>
 #include <vector>
 
@@ -114,21 +116,13 @@ void group_norm_kernel(const scalar_t* x, scalar_t* y, const GnArgs& a) {
   });
 }
 
-const float* param(const std::optional<at::Tensor>& p, int64_t numel, const char* name) {
-  if (!p) return nullptr;
-  TORCH_CHECK(p->scalar_type() == at::kFloat && p->is_contiguous() && p->numel() == numel && p->device().is_cpu(),
-              name, ": expected a contiguous float32 CPU tensor of ", numel, " elements");
-  return p->data_ptr<float>();
-}
-
 at::Tensor group_norm_cpu(const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
                           const std::optional<at::Tensor>& bias, double eps, const std::optional<at::Tensor>& add,
                           const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, bool silu,
                           bool channels_last) {
-  TORCH_CHECK(x.dim() >= 2 && num_groups > 0 && x.size(1) % num_groups == 0, "x: expected [B, C, ...] with C % G == 0");
-  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  TORCH_CHECK(x.is_contiguous(fmt) && (!channels_last || x.dim() == 4), "x: expected a ",
-              channels_last ? "channels_last" : "contiguous", " tensor");
+  check_layout(x, channels_last, "x");
+  TORCH_CHECK(num_groups > 0 && x.size(1) % num_groups == 0, "num_groups: must divide the ", x.size(1), " channels");
+  const auto fmt = format_of(channels_last);
   GnArgs a;
   a.B = x.size(0);
   a.C = x.size(1);
@@ -137,11 +131,11 @@ at::Tensor group_norm_cpu(const at::Tensor& x, int64_t num_groups, const std::op
   a.HW = a.B && a.C ? x.numel() / (a.B * a.C) : 0;
   a.channels_last = channels_last;
   a.eps = static_cast<float>(eps);
-  a.weight = param(weight, a.C, "weight");
-  a.bias = param(bias, a.C, "bias");
-  a.add = param(add, a.B * a.C, "add");
-  a.scale = param(scale, a.B * a.C, "scale");
-  a.shift = param(shift, a.B * a.C, "shift");
+  a.weight = float_param(weight, a.C, "weight", x.device());
+  a.bias = float_param(bias, a.C, "bias", x.device());
+  a.add = float_param(add, a.B * a.C, "add", x.device());
+  a.scale = float_param(scale, a.B * a.C, "scale", x.device());
+  a.shift = float_param(shift, a.B * a.C, "shift", x.device());
   a.silu = silu;
   at::Tensor y = at::empty_like(x, fmt);
   if (x.numel() == 0) return y;

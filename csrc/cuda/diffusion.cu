@@ -20,6 +20,7 @@
 
 #include <tuple>
 
+#include "ddpm_fast/launch.h"
 #include "ddpm_fast/step.h"
 
 namespace ddpm_fast {
@@ -196,20 +197,10 @@ __global__ void q_sample_channels_last(const scalar_t* __restrict__ x0, const sc
 }
 
 // ------------------------------------------------------------------------ launchers
-at::MemoryFormat format_of(bool channels_last) {
-  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-}
-
 Launch make_launch(const at::Tensor& x, const at::Tensor& t, const at::Tensor& table, int64_t seed,
                    int64_t sample_offset, bool channels_last) {
-  TORCH_CHECK(x.dim() >= 2 && x.is_contiguous(format_of(channels_last)), "x: expected a ",
-              channels_last ? "channels_last" : "contiguous", " tensor [B, C, ...]");
-  TORCH_CHECK(!channels_last || x.dim() == 4, "x: channels_last needs [B, C, H, W]");
-  TORCH_CHECK(t.is_cuda() && t.dim() == 1 && t.size(0) == x.size(0) && t.scalar_type() == at::kLong,
-              "t: expected int64 [B] on the GPU");
-  TORCH_CHECK(table.is_cuda() && table.dim() == 2 && table.size(0) == kTableRows &&
-                  table.scalar_type() == at::kFloat && table.is_contiguous(),
-              "table: expected the schedule's float32 [", int(kTableRows), ", T] table on the GPU");
+  check_layout(x, channels_last, "x");
+  check_schedule(t, table, x);
   Launch L;
   L.B = x.size(0);
   L.N = L.B ? x.numel() / L.B : 0;
@@ -231,16 +222,8 @@ at::Tensor p_step_cuda(const at::Tensor& x_t, const at::Tensor& model_output, co
                        double clip_range, bool channels_last) {
   const c10::cuda::CUDAGuard guard(x_t.device());
   const Launch L = make_launch(x_t, t, table, seed, sample_offset, channels_last);
-  const int64_t out_channels = variance == kLearnedRange ? 2 * L.C : L.C;
-  TORCH_CHECK(model_output.is_cuda() && model_output.size(1) == out_channels &&
-                  model_output.numel() == L.B * L.HW * out_channels &&
-                  model_output.is_contiguous(format_of(channels_last)) && model_output.dtype() == x_t.dtype(),
-              "model_output: expected ", out_channels, " channels in x_t's layout and dtype");
-  if (noise) {
-    TORCH_CHECK(noise->is_cuda() && noise->sizes() == x_t.sizes() &&
-                    noise->is_contiguous(format_of(channels_last)) && noise->dtype() == x_t.dtype(),
-                "noise: expected x_t's shape, layout and dtype");
-  }
+  check_model_output(model_output, x_t, variance, channels_last);
+  if (noise) check_like(*noise, x_t, channels_last, "noise");
   at::Tensor y = at::empty_like(x_t, format_of(channels_last));
   if (x_t.numel() == 0) return y;
   const StepOptions opt{static_cast<int>(prediction), static_cast<int>(variance), static_cast<int>(form), clip_sample,
@@ -273,11 +256,7 @@ std::tuple<at::Tensor, at::Tensor> q_sample_cuda(const at::Tensor& x0, const at:
                                                  int64_t sample_offset, bool return_noise, bool channels_last) {
   const c10::cuda::CUDAGuard guard(x0.device());
   const Launch L = make_launch(x0, t, table, seed, sample_offset, channels_last);
-  if (noise) {
-    TORCH_CHECK(noise->is_cuda() && noise->sizes() == x0.sizes() && noise->is_contiguous(format_of(channels_last)) &&
-                    noise->dtype() == x0.dtype(),
-                "noise: expected x0's shape, layout and dtype");
-  }
+  if (noise) check_like(*noise, x0, channels_last, "noise");
   at::Tensor y = at::empty_like(x0, format_of(channels_last));
   at::Tensor eps = return_noise ? at::empty_like(x0, format_of(channels_last)) : at::empty({0}, x0.options());
   if (x0.numel() == 0) return {y, eps};

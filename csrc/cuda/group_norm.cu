@@ -19,6 +19,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "ddpm_fast/launch.h"
+
 namespace ddpm_fast {
 namespace {
 
@@ -150,21 +152,13 @@ __global__ void __launch_bounds__(kThreads) gn_norm(const scalar_t* __restrict__
   }
 }
 
-const float* param(const std::optional<at::Tensor>& t, int64_t numel, const char* name) {
-  if (!t) return nullptr;
-  TORCH_CHECK(t->is_cuda() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == numel, name,
-              ": expected a contiguous float32 CUDA tensor of ", numel, " elements");
-  return t->data_ptr<float>();
-}
-
 at::Tensor group_norm_cuda(const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
                            const std::optional<at::Tensor>& bias, double eps, const std::optional<at::Tensor>& add,
                            const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, bool silu,
                            bool channels_last) {
-  TORCH_CHECK(x.dim() >= 2 && num_groups > 0 && x.size(1) % num_groups == 0, "x: expected [B, C, ...] with C % G == 0");
-  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  TORCH_CHECK(x.is_contiguous(fmt) && (!channels_last || x.dim() == 4), "x: expected a ",
-              channels_last ? "channels_last" : "contiguous", " tensor");
+  check_layout(x, channels_last, "x");
+  TORCH_CHECK(num_groups > 0 && x.size(1) % num_groups == 0, "num_groups: must divide the ", x.size(1), " channels");
+  const auto fmt = format_of(channels_last);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t B = x.size(0);
   Gn p;
@@ -175,11 +169,11 @@ at::Tensor group_norm_cuda(const at::Tensor& x, int64_t num_groups, const std::o
   p.n = p.CG * p.HW;
   p.channels_last = channels_last;
   p.eps = static_cast<float>(eps);
-  p.weight = param(weight, p.C, "weight");
-  p.bias = param(bias, p.C, "bias");
-  p.add = param(add, B * p.C, "add");
-  p.scale = param(scale, B * p.C, "scale");
-  p.shift = param(shift, B * p.C, "shift");
+  p.weight = float_param(weight, p.C, "weight", x.device());
+  p.bias = float_param(bias, p.C, "bias", x.device());
+  p.add = float_param(add, B * p.C, "add", x.device());
+  p.scale = float_param(scale, B * p.C, "scale", x.device());
+  p.shift = float_param(shift, B * p.C, "shift", x.device());
   p.silu = silu;
   at::Tensor y = at::empty_like(x, fmt);
   if (x.numel() == 0) return y;

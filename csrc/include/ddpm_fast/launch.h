@@ -1,0 +1,59 @@
+// Host-side checks shared by the CPU and CUDA launchers.  ddpm_fast/ops.py validates every user
+// argument with clear Python errors first; these guard the op schema itself (a direct
+// torch.ops.ddpm_fast call) so a kernel never reads out of bounds.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+
+#include <optional>
+
+#include "ddpm_fast/step.h"
+
+namespace ddpm_fast {
+
+inline at::MemoryFormat format_of(bool channels_last) {
+  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// x: [B, C, ...] laid out as the kernels walk it (contiguous NCHW, or channels_last [B, C, H, W]).
+inline void check_layout(const at::Tensor& x, bool channels_last, const char* name) {
+  TORCH_CHECK(x.dim() >= 2 && x.is_contiguous(format_of(channels_last)) && (!channels_last || x.dim() == 4), name,
+              ": expected a ", channels_last ? "channels_last [B, C, H, W]" : "contiguous [B, C, ...]", " tensor");
+}
+
+// other: like x (shape, dtype, layout, device); used for passed-in noise.
+inline void check_like(const at::Tensor& other, const at::Tensor& x, bool channels_last, const char* name) {
+  TORCH_CHECK(other.sizes() == x.sizes() && other.dtype() == x.dtype() && other.device() == x.device() &&
+                  other.is_contiguous(format_of(channels_last)),
+              name, ": expected the shape, dtype, layout and device of the samples");
+}
+
+// model_output: x's layout, dtype and device, with 2C channels for learned_range.
+inline void check_model_output(const at::Tensor& out, const at::Tensor& x, int64_t variance, bool channels_last) {
+  const int64_t channels = variance == kLearnedRange ? 2 * x.size(1) : x.size(1);
+  TORCH_CHECK(out.dim() == x.dim() && out.size(0) == x.size(0) && out.size(1) == channels &&
+                  out.numel() == x.numel() / x.size(1) * channels && out.dtype() == x.dtype() &&
+                  out.device() == x.device() && out.is_contiguous(format_of(channels_last)),
+              "model_output: expected ", channels, " channels in the samples' layout, dtype and device");
+}
+
+// t: int64 [B]; table: the schedule's float32 [kTableRows, T] rows, both on x's device.
+inline void check_schedule(const at::Tensor& t, const at::Tensor& table, const at::Tensor& x) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(0) && t.scalar_type() == at::kLong && t.device() == x.device(),
+              "t: expected int64 [B] on the samples' device");
+  TORCH_CHECK(table.dim() == 2 && table.size(0) == kTableRows && table.scalar_type() == at::kFloat &&
+                  table.is_contiguous() && table.device() == x.device(),
+              "table: expected the schedule's float32 [", int(kTableRows), ", T] table on the samples' device");
+}
+
+// An optional float32 parameter of numel elements on device, as a raw pointer (nullptr if absent).
+inline const float* float_param(const std::optional<at::Tensor>& p, int64_t numel, const char* name,
+                                c10::Device device) {
+  if (!p) return nullptr;
+  TORCH_CHECK(p->scalar_type() == at::kFloat && p->is_contiguous() && p->numel() == numel && p->device() == device,
+              name, ": expected a contiguous float32 tensor of ", numel, " elements on ", device);
+  return p->data_ptr<float>();
+}
+
+}  // namespace ddpm_fast
