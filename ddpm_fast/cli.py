@@ -151,7 +151,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         shard = torch.cat([s for s in shards if s is not None])
     np.savez(os.path.join(args.out, "samples.npz"), shard.numpy())
     grid_path = os.path.join(args.out, "grid.png")
-    save_png(image_grid(shard[:64]), grid_path, scale=max(1, 256 // (shard.shape[1] * 8)))
+    save_png(image_grid(shard[:64]), grid_path, scale=max(1, 512 // (shard.shape[1] * 8)))
     ms_per_step = 1e3 * elapsed / steps
     print(f"{args.num} images, {steps} steps, {world} process(es) on {device}: {count / elapsed:.2f} images/s per "
           f"process, {ms_per_step:.2f} ms per step (batch {min(args.batch_size, max(count, 1))})")
