@@ -207,15 +207,20 @@ def plot(rows: List[Row], floors: Dict[str, float], meta: Dict[str, object], pat
     import matplotlib.pyplot as plt
 
     ops = sorted({r.op for r in rows if not r.steps})
-    fig, axes = plt.subplots(1, len(ops) + 1, figsize=(6 * (len(ops) + 1), 4.5), squeeze=False)
-    for ax, op in zip(axes[0], ops):
+    cols = min(3, len(ops) + 1)
+    nrows = -(-(len(ops) + 1) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, 4.5 * nrows), squeeze=False)
+    panels = list(axes.flat)
+    for ax in panels[len(ops) + 1:]:
+        ax.axis("off")
+    for ax, op in zip(panels, ops):
         for impl in sorted({r.impl for r in rows if r.op == op}):
             pts = sorted((r.numel, r.gbps) for r in rows if r.op == op and r.impl == impl)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
         ax.axhline(floors["copy_gbps"], color="k", ls="--", lw=1, label="copy floor")
         ax.set(xscale="log", yscale="log", xlabel="elements", ylabel="GB/s", title=f"{op}: bandwidth")
         ax.legend(fontsize=8)
-    ax = axes[0][-1]
+    ax = panels[len(ops)]
     peak_bw, peak_fl = floors["copy_gbps"] * 1e9, floors["matmul_tflops"] * 1e12
     xs = [2.0**k for k in range(-6, 12)]
     ax.plot(xs, [min(peak_fl, x * peak_bw) / 1e12 for x in xs], "k--", lw=1, label="roofline (measured floors)")
