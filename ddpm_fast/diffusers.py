@@ -31,18 +31,21 @@ VARIANCE = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fix
 
 class FastDDPMScheduler(DDPMScheduler):
     def _fast_schedule(self):
-        """(respaced NoiseSchedule over the current timesteps, {t: its index}), built once per timesteps."""
-        key = tuple(int(t) for t in self.timesteps) if self.num_inference_steps or self.custom_timesteps else None
+        """(respaced NoiseSchedule over the current timesteps, {t: its index}), built once per
+        set_timesteps: the cache key is the timesteps tensor itself, not its values, so a step
+        does not walk all T timesteps in Python."""
+        spaced = bool(self.num_inference_steps or self.custom_timesteps)
+        key = (spaced, id(self.timesteps), self.timesteps.data_ptr(), self.timesteps._version)
         cached = getattr(self, "_fast_cache", None)
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]
         full = NoiseSchedule.from_diffusers(self.config)
-        if key is None:
+        if not spaced:
             sched, index = full, None
         else:
-            ts = sorted(set(key))
+            ts = sorted({int(t) for t in self.timesteps})
             sched, index = full.respace(ts), {t: k for k, t in enumerate(ts)}
-        self._fast_cache = (key, sched, index, full)
+        self._fast_cache = (key, sched, index, full, self.timesteps)  # holding it keeps its id unique
         return sched, index
 
     def step(self, model_output: torch.Tensor, timestep: Union[int, torch.Tensor], sample: torch.Tensor,
