@@ -1,4 +1,5 @@
 import os
+import socket
 import subprocess
 import sys
 
@@ -123,7 +124,10 @@ def test_cli_sample_one_and_two_processes(tmp_path, gen):
     one = run_cli("sample", "--model", str(ckpt), "--num", "8", "--batch-size", "3", "--out", str(tmp_path / "a"))
     assert one.returncode == 0, one.stderr
     assert "images/s" in one.stdout and "ms per step" in one.stdout
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                           "-m", "ddpm_fast", "sample", "--model", str(ckpt), "--num-images", "8", "--batch-size", "2",
                           "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
