@@ -13,7 +13,7 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#include "ddpm_fast/launch.h"
+#include "ddpm_fast/group_norm.h"
 
 #include <cmath>
 #include <vector>
@@ -24,14 +24,6 @@ namespace ddpm_fast {
 namespace {
 
 constexpr int kLanes = 16;
-
-struct GnArgs {
-  int64_t B, C, G, HW, CG;
-  bool channels_last;
-  float eps;
-  const float *weight, *bias, *add, *scale, *shift;  // nullptr when absent
-  bool silu;
-};
 
 // One channel row of a group: HW values at x[hw * step]; kUnit fixes step = 1 (NCHW) so the loop
 // vectorises.
@@ -75,7 +67,7 @@ void row_apply(const scalar_t* x, scalar_t* y, int64_t step_, int64_t HW, float 
 }
 
 template <typename scalar_t>
-void group_norm_kernel(const scalar_t* x, scalar_t* y, const GnArgs& a) {
+void group_norm_kernel(const scalar_t* x, scalar_t* y, const GroupNormParams& a) {
   at::parallel_for(0, a.B * a.G, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> A(a.CG), Bc(a.CG), centre(a.CG);
     for (int64_t bg = begin; bg < end; ++bg) {
@@ -120,24 +112,9 @@ at::Tensor group_norm_cpu(const at::Tensor& x, int64_t num_groups, const std::op
                           const std::optional<at::Tensor>& bias, double eps, const std::optional<at::Tensor>& add,
                           const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, bool silu,
                           bool channels_last) {
-  check_layout(x, channels_last, "x");
-  TORCH_CHECK(num_groups > 0 && x.size(1) % num_groups == 0, "num_groups: must divide the ", x.size(1), " channels");
-  const auto fmt = format_of(channels_last);
-  GnArgs a;
-  a.B = x.size(0);
-  a.C = x.size(1);
-  a.G = num_groups;
-  a.CG = a.C / a.G;
-  a.HW = a.B && a.C ? x.numel() / (a.B * a.C) : 0;
-  a.channels_last = channels_last;
-  a.eps = static_cast<float>(eps);
-  a.weight = float_param(weight, a.C, "weight", x.device());
-  a.bias = float_param(bias, a.C, "bias", x.device());
-  a.add = float_param(add, a.B * a.C, "add", x.device());
-  a.scale = float_param(scale, a.B * a.C, "scale", x.device());
-  a.shift = float_param(shift, a.B * a.C, "shift", x.device());
-  a.silu = silu;
-  at::Tensor y = at::empty_like(x, fmt);
+  const GroupNormParams a =
+      group_norm_params(x, num_groups, weight, bias, eps, add, scale, shift, silu, channels_last);
+  at::Tensor y = at::empty_like(x, format_of(channels_last));
   if (x.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_cpu", [&] {
     group_norm_kernel<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), a);

@@ -19,7 +19,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "ddpm_fast/launch.h"
+#include "ddpm_fast/group_norm.h"
 
 namespace ddpm_fast {
 namespace {
@@ -27,17 +27,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kCache = 16;  // values per thread in gn_onchip: groups up to 4096 values
 
-struct Gn {
-  int64_t C, G, HW, CG, n;  // n = CG * HW
-  bool channels_last;
-  float eps;
-  const float *weight, *bias, *add, *scale, *shift;
-  bool silu;
-  __device__ int64_t offset(int64_t b, int64_t g, int64_t e) const {
-    return channels_last ? b * HW * C + (e / CG) * C + g * CG + e % CG : (b * C + g * CG) * HW + e;
-  }
-  __device__ int64_t channel(int64_t g, int64_t e) const { return g * CG + (channels_last ? e % CG : e / HW); }
-};
+using Gn = GroupNormParams;
 
 // Sum of v over the block, returned to every thread (two values at once).
 __device__ float2 block_sum2(float a, float b) {
@@ -156,26 +146,10 @@ at::Tensor group_norm_cuda(const at::Tensor& x, int64_t num_groups, const std::o
                            const std::optional<at::Tensor>& bias, double eps, const std::optional<at::Tensor>& add,
                            const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, bool silu,
                            bool channels_last) {
-  check_layout(x, channels_last, "x");
-  TORCH_CHECK(num_groups > 0 && x.size(1) % num_groups == 0, "num_groups: must divide the ", x.size(1), " channels");
-  const auto fmt = format_of(channels_last);
+  const Gn p = group_norm_params(x, num_groups, weight, bias, eps, add, scale, shift, silu, channels_last);
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t B = x.size(0);
-  Gn p;
-  p.C = x.size(1);
-  p.G = num_groups;
-  p.CG = p.C / p.G;
-  p.HW = B && p.C ? x.numel() / (B * p.C) : 0;
-  p.n = p.CG * p.HW;
-  p.channels_last = channels_last;
-  p.eps = static_cast<float>(eps);
-  p.weight = float_param(weight, p.C, "weight", x.device());
-  p.bias = float_param(bias, p.C, "bias", x.device());
-  p.add = float_param(add, B * p.C, "add", x.device());
-  p.scale = float_param(scale, B * p.C, "scale", x.device());
-  p.shift = float_param(shift, B * p.C, "shift", x.device());
-  p.silu = silu;
-  at::Tensor y = at::empty_like(x, fmt);
+  const int64_t B = p.B;
+  at::Tensor y = at::empty_like(x, format_of(channels_last));
   if (x.numel() == 0) return y;
   auto stream = c10::cuda::getCurrentCUDAStream();
   int sms = 0;
