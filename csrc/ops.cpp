@@ -23,4 +23,7 @@ TORCH_LIBRARY(ddpm_fast, m) {
   // y = act(GN(x + add) * (1 + scale) + shift); weight, bias [C] and add, scale, shift [B, C] float32.
   m.def("group_norm(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, Tensor? add, "
         "Tensor? scale, Tensor? shift, bool silu, bool channels_last) -> Tensor");
+  // softmax(q k^T * scale) v on q [B, h, Lq, d], k and v [B, h, Lk, d] of any strides; the
+  // result is contiguous.  CUDA only (fp16/bf16 on tensor cores, d <= 256).
+  m.def("attention(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
 }

@@ -8,6 +8,7 @@ saying why.  Backends never call each other.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import Optional, Sequence, Union
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 from . import _checks, _ext
 from . import reference as ref
-from .reference.attention import attention_math, check_attention
+from .reference.attention import MAX_KERNEL_HEAD_DIM, attention_math, check_attention
 from .reference.group_norm import check_group_norm, group_norm_math
 from .reference.p_step import check_p_step, p_step_math
 from .reference.philox import STREAM_Q_SAMPLE, STREAM_STEP, split_seed
@@ -26,13 +27,15 @@ from .schedule import DeviceTables, NoiseSchedule
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 
-# Which backends have a kernel for each op.  The reference has every op.
+# Which backends have a kernel for each op, in "auto"'s order of preference on a device.  The
+# reference has every op.
 KERNELS = {
     "philox_randn": ("cpu", "cuda", "triton"),
     "q_sample": ("cpu", "cuda", "triton"),
     "p_step": ("cpu", "cuda", "triton"),
     "group_norm": ("cpu", "cuda", "triton"),
-    "attention": ("triton",),
+    # Triton first: it also takes fp32, and it is the path the test suite proves on every machine.
+    "attention": ("triton", "cuda"),
 }
 
 
@@ -74,9 +77,9 @@ def pick_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype
     if backend == "auto":
         if dtype == torch.float64 or grad:
             return "reference"
-        order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
-        for b in order:
-            if b in kernels and _status(b) is True:
+        here = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+        for b in kernels:
+            if b in here and _status(b) is True:
                 return b
         return "reference"
     if backend == "reference":
@@ -285,22 +288,39 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
     """softmax(q k^T * scale) v on [B, heads, L, d]; scale defaults to 1/sqrt(d)."""
     check_attention(q, k, v, scale)
     which = pick_backend("attention", backend, q.device, q.dtype, _needs_grad(q, k, v))
-    d = q.shape[-1]
-    if which == "triton":
-        from .triton.attention import MAX_HEAD_DIM, attention as kernel
+    if which in ("triton", "cuda"):
+        refusal = _attention_refusal(which, q)
+        if refusal is None:
+            scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+            if which == "triton":
+                from .triton.attention import attention as kernel
 
-        if d <= MAX_HEAD_DIM:
-            return kernel(q, k, v, scale)
+                return kernel(q, k, v, scale)
+            return torch.ops.ddpm_fast.attention(q, k, v, scale)
         if backend != "auto":
-            raise BackendUnavailableError(f"backend='triton': head dimension d={d} is above the kernel's "
-                                          f"{MAX_HEAD_DIM}; use backend='auto' (SDPA) or 'reference'")
-        _warn_once(f"ddpm_fast.attention: d={d} > {MAX_HEAD_DIM}, falling back to "
+            raise BackendUnavailableError(f"backend={backend!r}: {refusal}; use backend='auto' or 'reference'")
+        _warn_once(f"ddpm_fast.attention: {refusal}, falling back to "
                    "torch.nn.functional.scaled_dot_product_attention")
         which = "sdpa"
     if which == "sdpa" or (backend == "auto" and which == "reference" and q.dtype != torch.float64):
-        # Where no kernel of ours runs (the CPU; d above the kernel's limit) torch's SDPA is the fast path.
+        # Where no kernel of ours runs (the CPU; d above the kernels' limit) torch's SDPA is the fast path.
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     return attention_math(q, k, v, scale)
+
+
+def _attention_refusal(backend: str, q: torch.Tensor) -> Optional[str]:
+    """Why this attention kernel cannot take q (None when it can)."""
+    d = q.shape[-1]
+    if d > MAX_KERNEL_HEAD_DIM:
+        return f"head dimension d={d} is above the kernels' {MAX_KERNEL_HEAD_DIM}"
+    if backend == "cuda":
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            return (f"the CUDA attention kernel runs fp16/bf16 on tensor cores, got {q.dtype} "
+                    "(backend='triton' takes float32)")
+        major, minor = torch.cuda.get_device_capability(q.device)
+        if major < 8:
+            return f"the CUDA attention kernel needs compute capability 8.0 or newer (mma.sync), got {major}.{minor}"
+    return None
 
 
 _WARNED = set()

@@ -50,6 +50,7 @@ def test_block_matches_diffusers_attention(gen):
     (torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 5, 8), ValueError, "q, k, v"),
     (torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8).half(), torch.randn(1, 1, 4, 8), TypeError, "k:"),
     (torch.randn(1, 1, 4, 0), torch.randn(1, 1, 4, 0), torch.randn(1, 1, 4, 0), ValueError, "d must"),
+    (torch.randn(1, 1, 4, 8), torch.randn(1, 1, 0, 8), torch.randn(1, 1, 0, 8), ValueError, "at least one key"),
     (torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 8), ValueError, "q:"),
     (torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8, device="meta"), torch.randn(1, 1, 4, 8), ValueError, "k:"),
 ])
@@ -59,45 +60,94 @@ def test_bad_input(q, k, v, exc, match):
 
 
 # ----------------------------------------------------------------- fused kernels
-from conftest import backend_device, needs  # noqa: E402
+from conftest import backend_device, layout, needs  # noqa: E402
 
-TRITON = [pytest.param("triton", marks=[needs("triton"), pytest.mark.triton])]
-SIZES = [(32, 1), (32, 16), (64, 255), (128, 256), (256, 16), (32, 1024)]
+TRITON_MARKS = [needs("triton"), pytest.mark.triton]
+CUDA_MARKS = [needs("cuda"), pytest.mark.cuda]
+# The CUDA kernel runs fp16/bf16 on tensor cores; fp32 is Triton's (full-fp32 dots).
+BACKEND_DTYPES = [pytest.param("triton", dt, marks=TRITON_MARKS, id=f"triton-{str(dt)[6:]}")
+                  for dt in (torch.float32, torch.float16, torch.bfloat16)] + \
+                 [pytest.param("cuda", dt, marks=CUDA_MARKS, id=f"cuda-{str(dt)[6:]}")
+                  for dt in (torch.float16, torch.bfloat16)]
+# Every padded head size of both kernels, odd d (element loads, zero-padded columns) and tails.
+SIZES = [(32, 1), (32, 16), (64, 255), (128, 256), (256, 16), (32, 1024), (33, 70), (200, 65)]
 
 
-@pytest.mark.parametrize("backend", TRITON)
+def interpreted(backend: str) -> bool:
+    return backend == "triton" and not torch.cuda.is_available()
+
+
+def assert_close_to_float64(out, ref, q, k, v, scale=None):
+    """fp32 within 1e-5; fp16/bf16 by flash attention's rule: no worse than twice eager PyTorch in
+    the same dtype (+1e-6 for the case where eager is exact)."""
+    err = rel_err(out, ref)
+    if out.dtype == torch.float32:
+        assert err < 1e-5, err
+        return
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    eager = torch.softmax((q @ k.transpose(-1, -2)).float() * scale, -1).to(q.dtype) @ v
+    assert err <= 2 * rel_err(eager, ref) + 1e-6, (err, rel_err(eager, ref))
+
+
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
 @pytest.mark.parametrize("d,L", SIZES, ids=[f"d{d}-L{L}" for d, L in SIZES])
 @pytest.mark.parametrize("heads", [1, 4])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_kernel_matches_float64(backend, d, L, heads, dtype, gen, poison):
-    if heads == 4 and L > 256:
-        pytest.skip("kept small under the interpreter: one head covers L = 1024")
+def test_kernel_matches_float64(backend, dtype, d, L, heads, gen, poison):
+    if interpreted(backend) and heads == 4 and L > 256:
+        pytest.skip("kept small under the interpreter: one head covers the larger sizes")
     dev = backend_device(backend)
     q, k, v = (torch.randn(2, heads, L, d, generator=gen, dtype=torch.float64) for _ in range(3))
     ref = df.reference.attention(q, k, v)
     qd, kd, vd = (t.to(dev, dtype) for t in (q, k, v))
     out = df.attention(qd, kd, vd, backend=backend)
-    assert out.dtype == dtype and out.shape == q.shape
-    err = rel_err(out, ref)
-    if dtype == torch.float32:
-        assert err < 1e-5, err
-    else:  # the flash-attention rule: no worse than twice eager PyTorch in the same dtype
-        s = (qd @ kd.transpose(-1, -2)) / math.sqrt(d)
-        eager = torch.softmax(s.float(), -1).to(dtype) @ vd
-        assert err <= 2 * rel_err(eager, ref) + 1e-6, (err, rel_err(eager, ref))
+    assert out.dtype == dtype and out.shape == q.shape and out.device == qd.device
+    assert_close_to_float64(out, ref, qd, kd, vd)
 
 
-@pytest.mark.parametrize("backend", TRITON)
-def test_kernel_strided_inputs_and_cross_lengths(backend, gen):
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+def test_kernel_strided_inputs_and_cross_lengths(backend, dtype, gen):
     dev = backend_device(backend)
-    qkv = torch.randn(2, 40, 3 * 64, generator=gen).to(dev)  # [B, L, 3C] as a fused projection writes it
+    qkv = torch.randn(2, 40, 3 * 64, generator=gen).to(dev, dtype)  # [B, L, 3C] as a fused projection writes it
     q, k, v = (t.reshape(2, 40, 1, 64).transpose(1, 2) for t in qkv.split(64, dim=-1))
     assert not q.is_contiguous()
-    out = df.attention(q, k, v, backend=backend)
-    assert rel_err(out, df.reference.attention(q.double(), k.double(), v.double())) < 1e-5
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    qkv_before = qkv.clone()
+    assert_close_to_float64(df.attention(q, k, v, backend=backend), df.reference.attention(q64, k64, v64), q, k, v)
     kk, vv = k[:, :, :17], v[:, :, :17]
-    assert rel_err(df.attention(q, kk, vv, scale=0.2, backend=backend),
-                   df.reference.attention(q.double(), kk.double(), vv.double(), scale=0.2)) < 1e-5
+    assert_close_to_float64(df.attention(q, kk, vv, scale=0.2, backend=backend),
+                            df.reference.attention(q64, kk.double(), vv.double(), scale=0.2), q, kk, vv, 0.2)
+    # d not the innermost dimension: no vector loads
+    qs, ks, vs = (layout(t.contiguous(), "strided") for t in (q, k, v))
+    assert qs.stride(-1) != 1
+    assert_close_to_float64(df.attention(qs, ks, vs, backend=backend), df.reference.attention(q64, k64, v64), q, k, v)
+    assert torch.equal(qkv, qkv_before)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuda: no GPU")
+def test_cuda_kernel_refuses_what_it_cannot_run(gen):
+    q = torch.randn(1, 2, 8, 64, generator=gen).cuda()
+    with pytest.raises(df.BackendUnavailableError, match="fp16/bf16 on tensor cores"):
+        df.attention(q, q, q, backend="cuda")
+    assert rel_err(df.attention(q, q, q), df.reference.attention(q.double(), q.double(), q.double())) < 1e-5
+    big = torch.randn(1, 1, 8, 320, generator=gen).cuda().half()
+    with pytest.raises(df.BackendUnavailableError, match="d=320"):
+        df.attention(big, big, big, backend="cuda")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuda: no GPU")
+def test_cuda_kernel_opcheck(gen):
+    q, k, v = (torch.randn(2, 3, n, 40, generator=gen).cuda().half() for n in (9, 13, 13))
+    torch.library.opcheck(torch.ops.ddpm_fast.attention.default, (q, k, v, 0.25))
+
+
+def test_fake_kernel_shape():
+    if not hasattr(torch.ops.ddpm_fast, "attention"):
+        pytest.skip(f"the extension is not loaded: {df.available_backends()['cpu']}")
+    q, k, v = (torch.empty(2, 3, n, 40, device="meta", dtype=torch.bfloat16) for n in (9, 13, 13))
+    out = torch.ops.ddpm_fast.attention(q, k, v, 0.25)
+    assert out.shape == (2, 3, 9, 40) and out.dtype == torch.bfloat16 and out.is_contiguous()
 
 
 def test_large_head_dim_falls_back_once(gen):
@@ -105,7 +155,7 @@ def test_large_head_dim_falls_back_once(gen):
     out = df.attention(q, q, q)  # auto: SDPA (CPU), or SDPA with a one-time warning above d = 256 on a GPU
     assert rel_err(out, df.reference.attention(q.double(), q.double(), q.double())) < 1e-5
     if df.available_backends()["triton"] is True:
-        with pytest.raises(df.BackendUnavailableError, match="d=320"):
+        with pytest.raises(df.BackendUnavailableError, match="d=320 is above"):
             df.attention(q.to(backend_device("triton")), q.to(backend_device("triton")),
                          q.to(backend_device("triton")), backend="triton")
 
@@ -116,7 +166,6 @@ def test_fused_processor_matches_diffusers_attention(heads, rescale, residual, f
     pytest.importorskip("diffusers")
     from diffusers.models.attention_processor import Attention
 
-    from conftest import layout
     from ddpm_fast.modules import FusedAttnProcessor
 
     C = 64

@@ -214,8 +214,6 @@ Launch make_launch(const at::Tensor& x, const at::Tensor& t, const at::Tensor& t
   return L;
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 at::Tensor p_step_cuda(const at::Tensor& x_t, const at::Tensor& model_output, const at::Tensor& t,
                        const at::Tensor& table, const std::optional<at::Tensor>& noise, int64_t seed,
                        int64_t sample_offset, int64_t prediction, int64_t variance, int64_t form, bool clip_sample,

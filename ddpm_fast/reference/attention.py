@@ -18,6 +18,10 @@ from .. import _checks
 from .group_norm import group_norm_math
 
 
+# The largest head dimension the Triton and CUDA kernels take; above it ops.attention uses SDPA.
+MAX_KERNEL_HEAD_DIM = 256
+
+
 def check_attention(q, k, v, scale):
     for name, a in (("q", q), ("k", k), ("v", v)):
         _checks.tensor(a, name)
@@ -32,6 +36,8 @@ def check_attention(q, k, v, scale):
     if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q, k, v: expected q [B, h, Lq, d] and k, v [B, h, Lk, d], got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[2] == 0:
+        raise ValueError("k: expected at least one key (Lk >= 1): softmax over no keys is undefined")
     if scale is not None:
         _checks.positive_float(scale, "scale")
 
