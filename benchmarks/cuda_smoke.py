@@ -1,4 +1,4 @@
-"""One small call of every CUDA kernel, checked against the CPU: run under
+"""One small call of every CUDA kernel (and of each of its paths), checked against the CPU: run under
 `compute-sanitizer --tool memcheck` by gpu_validate.sh.  Odd sizes on purpose (partial
 groups of 4, partial blocks)."""
 
@@ -46,6 +46,30 @@ def main() -> int:
                 failures += not ok
                 print(f"p_step/q_sample {dtype} {tuple(shape)} {fmt}: rel err {err:.1e} / {qerr:.1e} "
                       f"{'ok' if ok else 'FAIL'}")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for shape, groups in (((17, 64, 5, 7), 32), ((1, 64, 33, 31), 8)):  # on-chip and split-reduction paths
+            for fmt in (torch.contiguous_format, torch.channels_last):
+                B, C = shape[:2]
+                x = torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=fmt)
+                w, b = torch.randn(C, device="cuda"), torch.randn(C, device="cuda")
+                add, sc, sh = (torch.randn(B, C, device="cuda") for _ in range(3))
+                y = df.group_norm(x, groups, w, b, add=add, scale=sc, shift=sh, silu=True, backend="cuda")
+                ref = df.reference.group_norm(x.double(), groups, w.double(), b.double(), add=add.double(),
+                                              scale=sc.double(), shift=sh.double(), silu=True)
+                err = ((y.double() - ref).norm() / ref.norm()).item()
+                ok = err < (1e-5 if dtype == torch.float32 else 1e-2)
+                failures += not ok
+                print(f"group_norm {dtype} {tuple(shape)} G={groups} {fmt}: rel err {err:.1e} {'ok' if ok else 'FAIL'}")
+    for dtype in (torch.float16, torch.bfloat16):
+        for (Lq, Lk, d) in ((70, 45, 33), (64, 64, 64), (17, 100, 256), (5, 1, 128)):  # tails, odd d, every D
+            q = torch.randn(2, 3, Lq, d, device="cuda")
+            k, v = (torch.randn(2, 3, Lk, d, device="cuda") for _ in range(2))
+            ref = df.reference.attention(q.double(), k.double(), v.double())
+            out = df.attention(q.to(dtype), k.to(dtype), v.to(dtype), backend="cuda")
+            err = ((out.double() - ref).norm() / ref.norm()).item()
+            ok = err < 1e-2
+            failures += not ok
+            print(f"attention {dtype} Lq={Lq} Lk={Lk} d={d}: rel err {err:.1e} {'ok' if ok else 'FAIL'}")
     torch.cuda.synchronize()
     return 1 if failures else 0
 
