@@ -127,15 +127,18 @@ def test_kernel_options(backend, options, silu, fmt, gen, poison):
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last", "strided"])
-@pytest.mark.parametrize("shape,G", [((1, 12, 1, 1), 4), ((3, 40, 7, 7), 8), ((2, 64, 8, 8), 32)],
-                         ids=["hw1-b1", "odd", "cifar-like"])
-def test_kernel_dtypes_layouts_shapes(backend, dtype, fmt, shape, G, gen, poison):
-    gn_kernel_vs_reference(backend, dtype, shape, G, fmt, ("add",), True, gen)
+@pytest.mark.parametrize("shape,G", [((1, 12, 1, 1), 4), ((3, 40, 7, 7), 8), ((2, 64, 8, 8), 32),
+                                     ((2, 16, 13, 11), 4)],
+                         ids=["hw1-b1", "odd", "cifar-like", "rows-over-64"])
+@pytest.mark.parametrize("options", [(), ("add",)], ids=["plain", "add"])
+def test_kernel_dtypes_layouts_shapes(backend, dtype, fmt, shape, G, options, gen, poison):
+    gn_kernel_vs_reference(backend, dtype, shape, G, fmt, options, True, gen)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_kernel_large_mean_small_spread(backend, gen, poison):
-    gn_kernel_vs_reference(backend, torch.float32, (2, 32, 8, 8), 8, "contiguous", ("add",), False, gen,
+@pytest.mark.parametrize("options", [(), ("add",)], ids=["plain", "add"])
+def test_kernel_large_mean_small_spread(backend, options, gen, poison):
+    gn_kernel_vs_reference(backend, torch.float32, (2, 32, 8, 8), 8, "contiguous", options, False, gen,
                            mean=1e3, std=1e-2)
 
 

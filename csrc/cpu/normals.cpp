@@ -4,16 +4,8 @@
 namespace ddpm_fast {
 namespace cpu {
 
-// Built for AVX-512, AVX2 and baseline x86-64 and picked at load time: the same operations in
-// wider vectors (no FMA contraction), so every build gives the same bits.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DF_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define DF_CPU_CLONES
-#endif
-
-DF_CPU_CLONES void silu_inplace(float* v, int n) {
-  for (int i = 0; i < n; ++i) v[i] = v[i] / (1.0f + exp_poly(-v[i]));
+DF_CPU_CLONES void silu_inplace(float* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) v[i] = v[i] / (1.0f + exp_poly(-v[i]));
 }
 
 DF_CPU_CLONES void normal_block(uint64_t seed, uint32_t g0, uint32_t sample, uint32_t t, uint32_t stream, float* z) {

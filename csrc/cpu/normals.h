@@ -8,6 +8,14 @@
 
 #include "ddpm_fast/philox.h"
 
+// The CPU kernels' hot loops are built for AVX-512, AVX2 and baseline x86-64 and picked at load
+// time: the same operations in wider vectors (no FMA contraction), so every build gives the same bits.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DF_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define DF_CPU_CLONES
+#endif
+
 namespace ddpm_fast {
 namespace cpu {
 
@@ -76,7 +84,7 @@ inline float exp_poly(float x) {
 void normal_block(uint64_t seed, uint32_t g0, uint32_t sample, uint32_t t, uint32_t stream, float* z);
 
 // v[i] = v[i] * sigmoid(v[i]) for i < n (normals.cpp).
-void silu_inplace(float* v, int n);
+void silu_inplace(float* v, int64_t n);
 
 }  // namespace cpu
 }  // namespace ddpm_fast
