@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Validates ddpm-fast on a GPU machine, start to finish, in well under 10 minutes on one H100:
 #   build the extension against this machine's torch, run every test (CUDA-marked ones included),
-#   run compute-sanitizer memcheck over one small call of every CUDA kernel, run the benchmarks,
-#   and print a summary table last.  Results and logs go to the directory given (default
+#   run compute-sanitizer memcheck and racecheck over one small call of every CUDA kernel, run the
+#   benchmarks, and print a summary table last.  Results and logs go to the directory given (default
 #   benchmarks/results/).  Optional: WHEELS=dir of wheels for test dependencies (pytest,
 #   diffusers, ...) when the machine has no network.
 set -uo pipefail
@@ -38,6 +38,8 @@ step "tests" "$OUT/tests.log" $PY -m pytest tests -q -rs --junitxml="$OUT/tests.
 if command -v compute-sanitizer >/dev/null || [ -x /usr/local/cuda/bin/compute-sanitizer ]; then
   SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   step "memcheck" "$OUT/memcheck.log" "$SAN" --tool memcheck --error-exitcode 1 $PY benchmarks/cuda_smoke.py
+  # Shared-memory hazards (the attention and GroupNorm kernels stage tiles and partial sums there).
+  step "racecheck" "$OUT/racecheck.log" "$SAN" --tool racecheck --error-exitcode 1 $PY benchmarks/cuda_smoke.py
 else
   SUMMARY+=("$(printf '%-22s %-6s' memcheck MISSING) compute-sanitizer not found on this machine")
 fi
