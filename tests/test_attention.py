@@ -104,6 +104,21 @@ def test_kernel_matches_float64(backend, dtype, d, L, heads, gen, poison):
     assert_close_to_float64(out, ref, qd, kd, vd)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuda: no GPU")
+@pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
+@pytest.mark.parametrize("d", [32, 64, 128, 256])
+@pytest.mark.parametrize("L", [1, 16, 255, 256, 1024])
+@pytest.mark.parametrize("heads", [1, 4])
+def test_kernel_full_grid_on_gpu(backend, dtype, d, L, heads, gen, poison):
+    """Every d x L x heads x dtype of the issue (the interpreter runs the pairs above)."""
+    q, k, v = (torch.randn(2, heads, L, d, generator=gen, dtype=torch.float64) for _ in range(3))
+    qd, kd, vd = (t.to("cuda", dtype) for t in (q, k, v))
+    out = df.attention(qd, kd, vd, backend=backend)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_close_to_float64(out, df.reference.attention(q, k, v), qd, kd, vd)
+
+
 @pytest.mark.parametrize("backend,dtype", BACKEND_DTYPES)
 def test_kernel_strided_inputs_and_cross_lengths(backend, dtype, gen):
     dev = backend_device(backend)
