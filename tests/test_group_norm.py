@@ -143,6 +143,22 @@ def test_kernel_large_mean_small_spread(backend, options, gen, poison):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype,mean,std", [(torch.float32, 0.0, 1.0), (torch.float16, 0.0, 1.0),
+                                             (torch.bfloat16, 0.0, 1.0), (torch.float32, 1e3, 1e-2)],
+                         ids=["float32", "float16", "bfloat16", "float32-large-mean"])
+def test_kernel_channels_last_row_slices(backend, dtype, mean, std, gen, poison):
+    """A batch-1 channels_last map big enough that the CPU kernel splits its rows over threads
+    (per-slice partial sums reduced per group)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        gn_kernel_vs_reference(backend, dtype, (1, 64, 40, 30), 8, "channels_last", ("add", "scale", "shift"), True,
+                               gen, mean=mean, std=std)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_kernel_no_affine_and_3d(backend, gen, poison):
     gn_kernel_vs_reference(backend, torch.float32, (2, 8, 9), 2, "contiguous", (), True, gen, affine=False)
 
