@@ -14,23 +14,30 @@ from .diffusion import Case, kernel_backends
 # (label, C, H) at 32 groups: the DDPM CIFAR-10 U-Net's levels, and a 256x256 model's first level.
 LEVELS = [("128ch@32x32", 128, 32), ("256ch@16x16", 256, 16), ("256ch@8x8", 256, 8), ("256ch@4x4", 256, 4)]
 BATCHES = [1, 64, 256]
-QUICK = [(b, lvl) for b in (1, 64) for lvl in (LEVELS[0], LEVELS[2])]
+QUICK = [(b, lvl, False) for b in (1, 64) for lvl in (LEVELS[0], LEVELS[2])]
+# channels_last inputs (what a channels_last model feeds its norms), at the CIFAR levels that differ most.
+CHANNELS_LAST = [(1, LEVELS[0]), (64, LEVELS[0]), (64, LEVELS[2])]
 G, EPS = 32, 1e-6
 FLOPS_PER_ELEMENT = 8  # statistics (3), normalise + affine (3), SiLU (~2 + exp)
 
 
 def shapes(quick: bool):
+    """(batch, level, channels_last) triples."""
     if quick:
         return QUICK
-    return [(b, lvl) for b in BATCHES for lvl in LEVELS] + [(8, ("512ch@64x64", 512, 64))]
+    return ([(b, lvl, False) for b in BATCHES for lvl in LEVELS] + [(8, ("512ch@64x64", 512, 64), False)]
+            + [(b, lvl, True) for b, lvl in CHANNELS_LAST])
 
 
 def cases(op: str, device: torch.device, quick: bool) -> Iterator[Case]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     eager = lambda x, w, b: F.silu(F.group_norm(x, G, w, b, EPS))  # noqa: E731
     compiled = torch.compile(eager, dynamic=False)
-    for B, (label, C, H) in shapes(quick):
+    for B, (label, C, H), channels_last in shapes(quick):
         x = torch.randn(B, C, H, H, device=device, dtype=dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+            label += " channels_last"
         w = torch.randn(C, device=device, dtype=dtype)
         b = torch.randn(C, device=device, dtype=dtype)
         n = x.numel()
