@@ -27,6 +27,24 @@ def test_available_backends_names_reasons():
         assert s is True or (isinstance(s, str) and s), name
 
 
+def test_auto_order_on_a_gpu_machine(monkeypatch):
+    """With every backend usable, auto takes KERNELS' order for the device: the CUDA extension for
+    the elementwise ops and GroupNorm, Triton for attention (see ops.KERNELS), the CPU kernels on
+    CPU tensors, the reference for float64 or autograd."""
+    from ddpm_fast import ops
+
+    monkeypatch.setattr(ops, "_STATUS", {b: True for b in ("reference", "cpu", "cuda", "triton")})
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    for op in ("philox_randn", "q_sample", "p_step", "group_norm"):
+        assert ops.pick_backend(op, "auto", cuda, torch.float16) == "cuda", op
+        assert ops.pick_backend(op, "auto", cpu, torch.float32) == "cpu", op
+    assert ops.pick_backend("attention", "auto", cuda, torch.bfloat16) == "triton"
+    assert ops.pick_backend("attention", "cuda", cuda, torch.bfloat16) == "cuda"
+    assert ops.pick_backend("attention", "auto", cpu, torch.float32) == "reference"  # then SDPA in ops.attention
+    assert ops.pick_backend("group_norm", "auto", cuda, torch.float64) == "reference"
+    assert ops.pick_backend("group_norm", "auto", cuda, torch.float32, grad=True) == "reference"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck_philox_randn(dtype):
     t = torch.tensor([3, 0, 7])
