@@ -85,7 +85,18 @@ void group_coefs(const GroupNormParams& a, int64_t b, int64_t g, float s1, float
   }
 }
 
-// Calls f(values, count) over x[0, n) as fp32: directly for fp32, else in converted chunks.
+// x[0, n) as fp32: x itself for fp32 input, else converted into buf.
+template <typename scalar_t>
+const float* as_fp32(const scalar_t* x, int64_t n, float* buf) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return x;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(x[i]);
+    return buf;
+  }
+}
+
+// Calls f(values, count) over x[0, n) as fp32: in one piece for fp32, else in converted chunks.
 template <typename scalar_t, typename F>
 void for_fp32_chunks(const scalar_t* x, int64_t n, F&& f) {
   if constexpr (std::is_same_v<scalar_t, float>) {
@@ -94,8 +105,7 @@ void for_fp32_chunks(const scalar_t* x, int64_t n, F&& f) {
     float buf[kChunk];
     for (int64_t i0 = 0; i0 < n; i0 += kChunk) {
       const int m = static_cast<int>(std::min<int64_t>(kChunk, n - i0));
-      for (int i = 0; i < m; ++i) buf[i] = static_cast<float>(x[i0 + i]);
-      f(buf, m);
+      f(as_fp32(x + i0, m, buf), m);
     }
   }
 }
@@ -132,8 +142,7 @@ void group_norm_nchw(const scalar_t* x, scalar_t* y, const GroupNormParams& a) {
         } else {
           for (int64_t i0 = 0; i0 < a.HW; i0 += kChunk) {
             const int m = static_cast<int>(std::min<int64_t>(kChunk, a.HW - i0));
-            for (int i = 0; i < m; ++i) buf[i] = static_cast<float>(xr[i0 + i]);
-            centred_affine(buf, buf, m, px, centre[k], A[k], Bc[k]);
+            centred_affine(as_fp32(xr + i0, m, buf), buf, m, px, centre[k], A[k], Bc[k]);
             if (a.silu) cpu::silu_inplace(buf, m);
             for (int i = 0; i < m; ++i) yr[i0 + i] = static_cast<scalar_t>(buf[i]);
           }
@@ -158,11 +167,13 @@ void group_norm_channels_last(const scalar_t* x, scalar_t* y, const GroupNormPar
   // Per (b, c): the group's pivot x, the add shift relative to the group's pivot add.
   std::vector<float> px(B * C), shift(B * C), pa(B * a.G);
   for (int64_t b = 0; b < B; ++b) {
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t g = c / a.CG, c0 = g * a.CG;
-      px[b * C + c] = static_cast<float>(x[b * HW * C + c0]);
+    for (int64_t g = 0; g < a.G; ++g) {
+      const int64_t c0 = g * a.CG;
       pa[b * a.G + g] = a.add ? a.add[b * C + c0] : 0.0f;
-      shift[b * C + c] = (a.add ? a.add[b * C + c] : 0.0f) - pa[b * a.G + g];
+      for (int64_t c = c0; c < c0 + a.CG; ++c) {
+        px[b * C + c] = static_cast<float>(x[b * HW * C + c0]);
+        shift[b * C + c] = (a.add ? a.add[b * C + c] : 0.0f) - pa[b * a.G + g];
+      }
     }
   }
   auto for_rows = [&](auto&& body) {  // body(task, b, first row, end row, fp32 row buffer of C)
@@ -179,15 +190,7 @@ void group_norm_channels_last(const scalar_t* x, scalar_t* y, const GroupNormPar
   for_rows([&](int64_t task, int64_t b, int64_t r0, int64_t r1, float* buf) {
     float* s1 = part.data() + task * 2 * C;
     for (int64_t r = r0; r < r1; ++r) {
-      const scalar_t* row = x + (b * HW + r) * C;
-      const float* v = nullptr;
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        v = row;
-      } else {
-        for (int64_t c = 0; c < C; ++c) buf[c] = static_cast<float>(row[c]);
-        v = buf;
-      }
-      channel_sums(v, px.data() + b * C, shift.data() + b * C, s1, s1 + C, C);
+      channel_sums(as_fp32(x + (b * HW + r) * C, C, buf), px.data() + b * C, shift.data() + b * C, s1, s1 + C, C);
     }
   });
 
@@ -208,20 +211,16 @@ void group_norm_channels_last(const scalar_t* x, scalar_t* y, const GroupNormPar
   }
 
   for_rows([&](int64_t, int64_t b, int64_t r0, int64_t r1, float* buf) {
+    const float *pxb = px.data() + b * C, *cb = centre.data() + b * C, *Ab = A.data() + b * C, *Bb = Bc.data() + b * C;
     for (int64_t r = r0; r < r1; ++r) {
       const scalar_t* row = x + (b * HW + r) * C;
       scalar_t* out = y + (b * HW + r) * C;
-      float* v = nullptr;
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        channel_affine(row, out, px.data() + b * C, centre.data() + b * C, A.data() + b * C, Bc.data() + b * C, C);
-        v = out;
+      if constexpr (std::is_same_v<scalar_t, float>) {  // straight into y, activated there
+        channel_affine(row, out, pxb, cb, Ab, Bb, C);
+        if (a.silu) cpu::silu_inplace(out, C);
       } else {
-        for (int64_t c = 0; c < C; ++c) buf[c] = static_cast<float>(row[c]);
-        channel_affine(buf, buf, px.data() + b * C, centre.data() + b * C, A.data() + b * C, Bc.data() + b * C, C);
-        v = buf;
-      }
-      if (a.silu) cpu::silu_inplace(v, C);
-      if constexpr (!std::is_same_v<scalar_t, float>) {
+        channel_affine(as_fp32(row, C, buf), buf, pxb, cb, Ab, Bb, C);
+        if (a.silu) cpu::silu_inplace(buf, C);
         for (int64_t c = 0; c < C; ++c) out[c] = static_cast<scalar_t>(buf[c]);
       }
     }
