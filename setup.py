@@ -29,8 +29,10 @@ def extension_modules():
     include = os.path.join(here, "csrc", "include")
     cpu_sources = ["csrc/ops.cpp", "csrc/module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # No errno from sqrtf and no FP-trap semantics: neither changes a result, and without them GCC
-    # will not vectorise the CPU kernels' sqrt and branch-free selects.
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+    # will not vectorise the CPU kernels' sqrt and branch-free selects.  No FMA contraction: the
+    # AVX-512 clones of the hot loops would fuse a * b + c where the AVX2 and baseline ones cannot,
+    # and every CPU must draw the same noise bits.
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
     with_cuda = (torch.version.cuda is not None and ce.CUDA_HOME is not None
                  and os.environ.get("DDPM_FAST_NO_CUDA") != "1")
     if with_cuda:
