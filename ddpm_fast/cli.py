@@ -55,9 +55,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"ddpm-fast bench: error: --only: unknown benchmark {bad[0]!r}; choose from {', '.join(SUITES)}",
                   file=sys.stderr)
             return 2
-    run(only, quick=args.quick, out_dir=args.out, device=args.device,
-        command="ddpm-fast " + " ".join(sys.argv[1:]))
-    return 0
+    result = run(only, quick=args.quick, out_dir=args.out, device=args.device,
+                 command="ddpm-fast " + " ".join(sys.argv[1:]))
+    return 1 if any(r.status != "ok" for r in result["rows"]) else 0
 
 
 # The embedded default model's architecture: a small DDPM U-Net for 16x16 digits.
@@ -165,7 +165,9 @@ def parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="versions, devices and which backends can run here")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=cmd_info)
-    bench = sub.add_parser("bench", help="benchmark the ops against eager, torch.compile and diffusers")
+    bench = sub.add_parser("bench", help="benchmark the ops against eager, torch.compile and diffusers",
+                           description="Benchmark the ops against eager, torch.compile and diffusers. Exit status 1 "
+                           "when a case failed (its row in the results says why), after writing the results.")
     bench.add_argument("--quick", action="store_true", help="two sizes, short timing (under 2 minutes on 2 CPU cores)")
     bench.add_argument("--only", help="comma-separated benchmarks to run (default: all)")
     bench.add_argument("--out", default="benchmarks/results", help="directory for the JSON/Markdown/PNG results")

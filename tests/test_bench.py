@@ -7,19 +7,25 @@ import sys
 import pytest
 import torch
 
+import ddpm_fast.bench as bench
+from ddpm_fast import cli
 from ddpm_fast.bench import harness, readme, run
+from ddpm_fast.bench.diffusion import Case
+
+CPU = torch.device("cpu")
+FLOORS = {"copy_bytes": 1, "copy_gbps": 10.0, "matmul_n": 1, "matmul_dtype": "float32", "matmul_tflops": 1.0}
 
 
 def test_time_fn_and_floors():
-    t = harness.time_fn(lambda: torch.ones(10).sum(), torch.device("cpu"), min_time_s=0.01)
+    t = harness.time_fn(lambda: torch.ones(10).sum(), CPU, min_time_s=0.01)
     assert 0 < t["p20_ms"] <= t["median_ms"] <= t["p80_ms"]
-    f = harness.measure_floors(torch.device("cpu"), quick=True)
+    f = harness.measure_floors(CPU, quick=True)
     assert f["copy_gbps"] > 0 and f["matmul_tflops"] > 0
 
 
 @pytest.mark.slow
 def test_bench_writes_json_markdown_png(tmp_path):
-    out = run(["p_step"], quick=True, out_dir=str(tmp_path), command="test", echo=lambda *_: None)
+    out = run(["p_step"], quick=True, out_dir=str(tmp_path), device="cpu", command="test", echo=lambda *_: None)
     d = json.loads((tmp_path / "bench-cpu-quick.json").read_text())
     assert {"device_name", "torch", "triton", "cuda", "git_commit", "command", "date"} <= set(d["meta"])
     assert {"copy_gbps", "matmul_tflops"} <= set(d["floors"])
@@ -27,7 +33,7 @@ def test_bench_writes_json_markdown_png(tmp_path):
     assert {"reference eager", "torch.compile(reference)"} <= impls and any(i.startswith("ddpm_fast") for i in impls)
     for r in d["rows"]:
         assert {"median_ms", "bytes", "flops", "gbps", "frac_copy_floor", "tflops", "frac_matmul_floor", "vs"} <= set(r)
-        assert r["median_ms"] > 0 and r["bytes"] > 0
+        assert r["status"] == "ok" and r["median_ms"] > 0 and r["bytes"] > 0
     ours = [r for r in d["rows"] if not r["baseline"]][0]
     assert set(ours["vs"]) >= {"reference eager", "torch.compile(reference)"}
     assert (tmp_path / "bench-cpu-quick.md").read_text().count("|") > 10
@@ -43,3 +49,145 @@ def test_cli_info_and_bad_bench_option():
     assert info["backends"]["reference"] is True and "torch" in info
     r = subprocess.run([sys.executable, "-m", "ddpm_fast", "bench", "--only", "nope"], capture_output=True, text=True)
     assert r.returncode == 2 and "--only" in r.stderr
+
+
+# ------------------------------------------------- failures, interrupts, optional packages
+def case(op, impl, fn, baseline=False, size="8"):
+    return Case(op=op, size=size, impl=impl, fn=fn, numel=8, dtype=torch.float32, bytes=64, flops=8,
+                baseline=baseline)
+
+
+def raises(e):
+    def fn():
+        raise e
+    return fn
+
+
+def unbuildable():
+    raise OSError("no compiler")
+
+
+def fake_suite(op, device, quick):
+    x = torch.ones(8)
+    yield case(op, "base", lambda: x * 2, baseline=True)
+    yield case(op, "broken baseline", raises(ValueError("bad shape\nsecond line")), baseline=True)
+    yield case(op, "unbuilt", harness.try_build(unbuildable))
+    yield case(op, "ours", lambda: x + 1)
+
+
+def dying_suite(op, device, quick):
+    yield case(op, "before", lambda: None)
+    raise RuntimeError("cannot build the model")
+
+
+def ok_suite(op, device, quick):
+    yield case(op, "fine", lambda: None)
+
+
+@pytest.fixture
+def fake_suites(monkeypatch):
+    monkeypatch.setattr(bench, "SUITES", {"fake": fake_suite, "dying": dying_suite, "ok": ok_suite})
+    monkeypatch.setattr(bench, "measure_floors", lambda device, quick: dict(FLOORS))
+
+
+def test_failed_cases_are_kept_and_the_run_goes_on(tmp_path, fake_suites):
+    out = run(quick=True, out_dir=str(tmp_path), device="cpu", command="test", echo=lambda *_: None)
+    d = json.loads((tmp_path / "bench-cpu-quick.json").read_text())
+    status = {(r["op"], r["impl"]): r["status"] for r in d["rows"]}
+    assert status == {
+        ("fake", "base"): "ok",
+        ("fake", "broken baseline"): "failed: ValueError: bad shape",
+        ("fake", "unbuilt"): "failed: OSError: no compiler",
+        ("fake", "ours"): "ok",
+        ("dying", "before"): "ok",
+        ("dying", "(building cases)"): "failed: RuntimeError: cannot build the model",
+        ("ok", "fine"): "ok",
+    }
+    for r in d["rows"]:
+        if r["status"] != "ok":
+            assert r["median_ms"] is None and r["gbps"] is None and r["vs"] == {}
+    ours = next(r for r in d["rows"] if r["impl"] == "ours")
+    assert list(ours["vs"]) == ["base"]  # the failed baseline is no ratio
+    md = (tmp_path / "bench-cpu-quick.md").read_text()
+    assert "| fake | 8 | broken baseline (baseline) | failed: ValueError: bad shape |" in md
+    assert "| dying | - | (building cases) | failed: RuntimeError: cannot build the model |" in md
+    section = readme.section(str(tmp_path / "bench-cpu-quick.json"))
+    assert "| fake | 8 | unbuilt | failed: OSError: no compiler |" in section and "| ok | 8 | fine |" in section
+    assert out["paths"]["md"].endswith(".md")
+
+
+def test_cli_bench_exits_1_when_a_case_failed(tmp_path, fake_suites):
+    args = ["bench", "--quick", "--device", "cpu", "--out", str(tmp_path)]
+    assert cli.main(args + ["--only", "ok"]) == 0
+    assert cli.main(args + ["--only", "ok,fake"]) == 1
+    assert len(json.loads((tmp_path / "bench-cpu-quick.json").read_text())["rows"]) == 5
+
+
+def test_an_interrupted_run_keeps_the_finished_cases(tmp_path, monkeypatch):
+    path = tmp_path / "bench-cpu-quick.json"
+    seen = []
+
+    def interrupt():
+        seen.append([r["impl"] for r in json.loads(path.read_text())["rows"]])  # what a kill now would leave
+        raise KeyboardInterrupt
+
+    def suite(op, device, quick):
+        yield case(op, "first", lambda: None)
+        yield case(op, "second", raises(ValueError("x")))
+        yield case(op, "third", interrupt)
+        yield case(op, "never", lambda: None)
+
+    monkeypatch.setattr(bench, "SUITES", {"s": suite})
+    monkeypatch.setattr(bench, "measure_floors", lambda device, quick: dict(FLOORS))
+    with pytest.raises(KeyboardInterrupt):
+        run(quick=True, out_dir=str(tmp_path), device="cpu", command="test", echo=lambda *_: None)
+    assert seen == [["first", "second"]]
+    assert [r["impl"] for r in json.loads(path.read_text())["rows"]] == ["first", "second"]
+    assert "| s | 8 | second | failed: ValueError: x |" in (tmp_path / "bench-cpu-quick.md").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench-cpu-quick.json", "bench-cpu-quick.md",
+                                                           "bench-cpu-quick.png"]
+
+
+def test_missing_optional_packages_skip_their_rows_and_are_reported_once(tmp_path, monkeypatch):
+    def suite(op, device, quick):
+        for impl in ("needs diffusers", "needs it too"):
+            if harness.optional("diffusers") is not None:
+                yield case(op, impl, lambda: None)
+        yield case(op, "plain", lambda: None)
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(bench, "SUITES", {"s": suite})
+    monkeypatch.setattr(bench, "measure_floors", lambda device, quick: dict(FLOORS))
+    said = []
+    out = run(quick=True, out_dir=str(tmp_path), device="cpu", command="test", echo=said.append)
+    assert [r.impl for r in out["rows"]] == ["plain"]
+    assert sorted(out["paths"]) == ["json", "md"] and not (tmp_path / "bench-cpu-quick.png").exists()
+    notes = [s for s in said if "diffusers" in s]
+    assert len(notes) == 1 and "matplotlib" in notes[0]
+
+
+def test_suites_build_their_cases_without_diffusers(monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)
+    for op, suite in bench.SUITES.items():
+        cases = list(suite(op, CPU, True))  # built, not timed
+        impls = [c.impl for c in cases]
+        assert impls and not any("diffusers" in i or "Scheduler" in i for i in impls), (op, impls)
+        assert all(c.op != "attention block" for c in cases)  # diffusers' Attention module
+        if op == "e2e":
+            assert impls == ["DDPMSampler float32", "DDPMSampler bfloat16"]
+
+
+@pytest.mark.slow
+def test_e2e_builds_the_diffusers_rows_where_diffusers_imports():
+    pytest.importorskip("diffusers")
+    impls = [c.impl for c in bench.e2e.cases("e2e", CPU, True)]
+    assert impls == ["diffusers DDPMPipeline fp32", "diffusers DDPMPipeline bf16 autocast", "FastDDPMScheduler",
+                     "accelerate + FastDDPMScheduler", "DDPMSampler float32", "DDPMSampler bfloat16"]
+
+
+def test_try_build():
+    assert harness.try_build(lambda: len)("abc") == 3
+    stand_in = harness.try_build(unbuildable)
+    with pytest.raises(OSError, match="no compiler"):
+        stand_in(1, key=2)

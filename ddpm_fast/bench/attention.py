@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from .. import ops
 from .. import reference as ref
 from .diffusion import Case, kernel_backends
+from .harness import optional, try_build
 
 # (label, B, heads, L, d): DDPM CIFAR-10's single head of d = 256 over 16x16 tokens; an LSUN-like level.
 CORE = [("cifar b{B}", B, 1, 256, 256) for B in (1, 64, 256)] + [("lsun-like b8", 8, 4, 1024, 128)]
@@ -55,10 +56,10 @@ def cases(op: str, device: torch.device, quick: bool) -> Iterator[Case]:
 
 
 def _block_cases(device, dtype, quick):
-    try:
-        from diffusers.models.attention_processor import Attention
-    except ImportError:
+    if optional("diffusers") is None:
         return
+    from diffusers.models.attention_processor import Attention
+
     from ..modules import FusedAttnProcessor
 
     for B, C, S in (QUICK_BLOCK if quick else BLOCK):
@@ -71,7 +72,8 @@ def _block_cases(device, dtype, quick):
         x = torch.randn(B, C, S, S, device=device, dtype=dtype)
         params = [attn.group_norm.weight, attn.group_norm.bias, attn.to_q.weight, attn.to_q.bias, attn.to_k.weight,
                   attn.to_k.bias, attn.to_v.weight, attn.to_v.bias, attn.to_out[0].weight, attn.to_out[0].bias]
-        compiled = torch.compile(lambda x: ref.attention_block(x, *params, num_groups=32, eps=1e-6), dynamic=False)
+        compiled = try_build(lambda: torch.compile(lambda x: ref.attention_block(x, *params, num_groups=32, eps=1e-6),
+                                                   dynamic=False))
         L = S * S
         common = dict(op="attention block", size=f"b{B} {C}ch@{S}x{S}", numel=x.numel(), dtype=dtype,
                       bytes=2 * x.numel() * x.element_size(), flops=B * (8 * L * C * C + 4 * L * L * C))

@@ -12,6 +12,7 @@ import torch
 from .. import ops
 from .. import reference as ref
 from ..schedule import NoiseSchedule
+from .harness import optional, try_build
 
 SIZES: List[Tuple[str, Tuple[int, ...]]] = [
     ("1x3x32x32", (1, 3, 32, 32)),
@@ -50,22 +51,13 @@ def kernel_backends(op: str, device: torch.device) -> List[str]:
     return found or ["auto"]
 
 
-def _diffusers():
-    try:
-        import diffusers
-
-        return diffusers
-    except ImportError:
-        return None
-
-
 def _compiled(fn):
-    return torch.compile(fn, dynamic=True)
+    return try_build(lambda: torch.compile(fn, dynamic=True))
 
 
 def cases(op: str, device: torch.device, quick: bool, dtype: torch.dtype = torch.float32) -> Iterator[Case]:
     sched = NoiseSchedule.linear(1000)
-    diffusers = _diffusers()
+    diffusers = optional("diffusers")
     dsched = diffusers.DDPMScheduler() if diffusers else None
     if dsched is not None:
         dsched.alphas_cumprod = dsched.alphas_cumprod.to(device)  # as a pipeline on this device holds it

@@ -3,9 +3,9 @@ with random weights, timed over a number of steps and reported per step and as i
 full 1000 steps (every step costs the same: one U-Net call and one update).
 
 Variants: diffusers' DDPMPipeline in fp32 and under bf16 autocast, torch.compile(max-autotune) of
-its UNet (GPU only), FastDDPMScheduler alone, accelerate() + FastDDPMScheduler, and DDPMSampler in
-fp32 and bf16 with CUDA graphs on and off (graphs on CUDA only).  MFU = achieved FLOP/s over the
-matmul floor measured in the same run.
+its UNet (GPU only), FastDDPMScheduler alone, accelerate() + FastDDPMScheduler (these four need
+diffusers), and DDPMSampler in fp32 and bf16 with CUDA graphs on and off (graphs on CUDA only).
+MFU = achieved FLOP/s over the matmul floor measured in the same run.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 
 from .diffusion import Case
+from .harness import optional, try_build
 
 GFLOP_PER_IMAGE_STEP = 12.1
 FULL_STEPS = 1000
@@ -34,16 +35,18 @@ def plan(device: torch.device, quick: bool):
 
 
 def cases(op: str, device: torch.device, quick: bool) -> Iterator[Case]:
-    import diffusers
-
+    """The DDPMSampler rows always; the rows that run a diffusers pipeline only where diffusers imports."""
     from .. import DDPMSampler, accelerate
-    from ..diffusers import FastDDPMScheduler
     from ..models import DDPMUNet
 
+    diffusers = optional("diffusers")
     torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(**CIFAR10).to(device).eval()
-    fast_unet = accelerate(copy.deepcopy(unet))
-    ours = DDPMUNet.from_diffusers(unet).to(device)
+    # What DDPMUNet.from_diffusers makes of CIFAR10, built without diffusers (random weights either way).
+    ours = DDPMUNet.cifar10(dropout=0.0).to(device)
+    if diffusers is not None:
+        from ..diffusers import FastDDPMScheduler
+
+        unet = diffusers.UNet2DModel(**CIFAR10).to(device).eval()
     batches, steps = plan(device, quick)
 
     def pipeline(model, scheduler_cls, batch, autocast=None):
@@ -56,26 +59,32 @@ def cases(op: str, device: torch.device, quick: bool) -> Iterator[Case]:
                      output_type="np")
         return run
 
+    def compiled(model):
+        model = copy.deepcopy(model)
+        model.forward = torch.compile(model.forward, mode="max-autotune")
+        return model
+
     for batch in batches:
         common = dict(op=op, size=f"b{batch}", numel=batch * 3 * 32 * 32, dtype=torch.float32, bytes=0,
                       flops=int(GFLOP_PER_IMAGE_STEP * 1e9 * batch * steps), steps=steps, images=batch)
-        yield Case(impl="diffusers DDPMPipeline fp32", fn=pipeline(unet, diffusers.DDPMScheduler, batch),
-                   baseline=True, **common)
-        yield Case(impl="diffusers DDPMPipeline bf16 autocast",
-                   fn=pipeline(unet, diffusers.DDPMScheduler, batch, torch.bfloat16), baseline=True, **common)
-        if device.type == "cuda":
-            compiled = copy.deepcopy(unet)
-            compiled.forward = torch.compile(compiled.forward, mode="max-autotune")
-            yield Case(impl="diffusers + torch.compile(max-autotune) bf16",
-                       fn=pipeline(compiled, diffusers.DDPMScheduler, batch, torch.bfloat16), baseline=True,
-                       **common)
-        yield Case(impl="FastDDPMScheduler", fn=pipeline(unet, FastDDPMScheduler, batch), baseline=False, **common)
-        yield Case(impl="accelerate + FastDDPMScheduler", fn=pipeline(fast_unet, FastDDPMScheduler, batch),
-                   baseline=False, **common)
+        if diffusers is not None:
+            yield Case(impl="diffusers DDPMPipeline fp32",
+                       fn=try_build(lambda: pipeline(unet, diffusers.DDPMScheduler, batch)), baseline=True, **common)
+            yield Case(impl="diffusers DDPMPipeline bf16 autocast",
+                       fn=try_build(lambda: pipeline(unet, diffusers.DDPMScheduler, batch, torch.bfloat16)),
+                       baseline=True, **common)
+            if device.type == "cuda":
+                yield Case(impl="diffusers + torch.compile(max-autotune) bf16",
+                           fn=try_build(lambda: pipeline(compiled(unet), diffusers.DDPMScheduler, batch,
+                                                         torch.bfloat16)), baseline=True, **common)
+            yield Case(impl="FastDDPMScheduler", fn=try_build(lambda: pipeline(unet, FastDDPMScheduler, batch)),
+                       baseline=False, **common)
+            yield Case(impl="accelerate + FastDDPMScheduler",
+                       fn=try_build(lambda: pipeline(accelerate(copy.deepcopy(unet)), FastDDPMScheduler, batch)),
+                       baseline=False, **common)
         for dtype in (torch.float32, torch.bfloat16):
             for graphs in ([False, True] if device.type == "cuda" else [False]):
-                sampler = DDPMSampler(ours, dtype=dtype, cuda_graphs=graphs, device=device)
+                sampler = try_build(lambda: DDPMSampler(ours, dtype=dtype, cuda_graphs=graphs, device=device).sample)
                 name = f"DDPMSampler {str(dtype)[6:]}" + (" graphs" if graphs else "")
-                yield Case(impl=name, fn=lambda s=sampler, b=batch: s.sample(b, seed=0, num_steps=steps),
+                yield Case(impl=name, fn=lambda s=sampler, b=batch: s(b, seed=0, num_steps=steps),
                            baseline=False, **common)
-

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from .diffusion import Case, kernel_backends
+from .harness import try_build
 
 # (label, C, H) at 32 groups: the DDPM CIFAR-10 U-Net's levels, and a 256x256 model's first level.
 LEVELS = [("128ch@32x32", 128, 32), ("256ch@16x16", 256, 16), ("256ch@8x8", 256, 8), ("256ch@4x4", 256, 4)]
@@ -32,7 +33,7 @@ def shapes(quick: bool):
 def cases(op: str, device: torch.device, quick: bool) -> Iterator[Case]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     eager = lambda x, w, b: F.silu(F.group_norm(x, G, w, b, EPS))  # noqa: E731
-    compiled = torch.compile(eager, dynamic=False)
+    compiled = try_build(lambda: torch.compile(eager, dynamic=False))
     for B, (label, C, H), channels_last in shapes(quick):
         x = torch.randn(B, C, H, H, device=device, dtype=dtype)
         if channels_last:

@@ -7,6 +7,7 @@ matmul for compute) so each row can say what fraction of this machine it reaches
 from __future__ import annotations
 
 import datetime as _dt
+import importlib
 import json
 import os
 import platform
@@ -15,9 +16,39 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Set
 
 import torch
+
+
+# ---------------------------------------------------------- optional packages, failures
+MISSING: Set[str] = set()  # optional packages found unimportable; run() reports them once, at the end
+
+
+def optional(name: str):
+    """The module, or None when it cannot be imported: the caller skips only what needs it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        MISSING.add(name)
+        return None
+
+
+def try_build(make: Callable[[], Callable]) -> Callable:
+    """make(), or, when make raises, a stand-in that raises the same error when called: building a
+    case fails that one case, where the harness times it, and the suite goes on to its next case."""
+    try:
+        return make()
+    except Exception as e:
+        def fail(*_, _e=e, **__):
+            raise _e
+        return fail
+
+
+def failure(e: BaseException) -> str:
+    """A failed row's status: "failed: <ExceptionType: first line of the message>"."""
+    lines = str(e).strip().splitlines()
+    return f"failed: {type(e).__name__}" + (f": {lines[0]}" if lines else "")
 
 
 # ------------------------------------------------------------------------- timing
@@ -95,33 +126,37 @@ class Row:
     dtype: str
     bytes: int
     flops: int
-    median_ms: float
-    p20_ms: float
-    p80_ms: float
-    gbps: float = 0.0
-    frac_copy_floor: float = 0.0
-    tflops: float = 0.0
-    frac_matmul_floor: float = 0.0
+    # Measured and derived figures: None on a failed row, which has none.
+    median_ms: Optional[float] = None
+    p20_ms: Optional[float] = None
+    p80_ms: Optional[float] = None
+    gbps: Optional[float] = None
+    frac_copy_floor: Optional[float] = None
+    tflops: Optional[float] = None
+    frac_matmul_floor: Optional[float] = None
     baseline: bool = False
     vs: Dict[str, float] = field(default_factory=dict)  # baseline impl -> its time / this time
     steps: int = 0  # end-to-end rows: sampling steps timed, images per call, and what follows
     images: int = 0
-    ms_per_step: float = 0.0
-    images_per_s_1000_steps: float = 0.0
+    ms_per_step: Optional[float] = None
+    images_per_s_1000_steps: Optional[float] = None
+    status: str = "ok"  # or failure(e); result files from before this field have none and are all ok
 
 
 def finish_rows(rows: List[Row], floors: Dict[str, float]) -> None:
-    for r in rows:
+    """Fill in the derived figures of the rows that succeeded; speed-ups compare only those."""
+    ok = [r for r in rows if r.status == "ok"]
+    for r in ok:
         s = r.median_ms / 1e3
         r.gbps = r.bytes / s / 1e9
         r.frac_copy_floor = r.gbps / floors["copy_gbps"]
         r.tflops = r.flops / s / 1e12
         r.frac_matmul_floor = r.tflops / floors["matmul_tflops"]
-        if r.steps:
-            r.ms_per_step = r.median_ms / r.steps
-            r.images_per_s_1000_steps = r.images / (r.ms_per_step * 1000 / 1e3)
-    for r in rows:
-        r.vs = {b.impl: b.median_ms / r.median_ms for b in rows
+        # 0.0 on per-op rows, as result files have always had it.
+        r.ms_per_step = r.median_ms / r.steps if r.steps else 0.0
+        r.images_per_s_1000_steps = r.images / (r.ms_per_step * 1000 / 1e3) if r.steps else 0.0
+    for r in ok:
+        r.vs = {b.impl: b.median_ms / r.median_ms for b in ok
                 if b.baseline and b.op == r.op and b.size == r.size and b is not r}
 
 
@@ -158,16 +193,26 @@ def metadata(device: torch.device, command: str) -> Dict[str, object]:
 
 
 # --------------------------------------------------------------------------- files
+def write_json(path: str, rows: List[Row], floors: Dict[str, float], meta: Dict[str, object]) -> None:
+    """Replace path atomically: a run killed while writing leaves the previous version, not half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"meta": meta, "floors": floors, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    os.replace(tmp, path)
+
+
 def write_results(name: str, rows: List[Row], floors: Dict[str, float], meta: Dict[str, object],
                   out_dir: str) -> Dict[str, str]:
-    """Write NAME.json, NAME.md and NAME.png (bandwidth vs size, and a roofline) under out_dir."""
+    """Write NAME.json, NAME.md and, with matplotlib, NAME.png (bandwidth vs size, and a roofline) under out_dir."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {ext: os.path.join(out_dir, f"{name}.{ext}") for ext in ("json", "md", "png")}
-    with open(paths["json"], "w") as f:
-        json.dump({"meta": meta, "floors": floors, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    write_json(paths["json"], rows, floors, meta)
     with open(paths["md"], "w") as f:
         f.write(markdown(rows, floors, meta))
-    plot(rows, floors, meta, paths["png"])
+    if optional("matplotlib") is None:
+        del paths["png"]
+    else:
+        plot(rows, floors, meta, paths["png"])
     return paths
 
 
@@ -185,18 +230,25 @@ def markdown(rows: List[Row], floors: Dict[str, float], meta: Dict[str, object])
     for r in rows:
         if r.steps:
             continue
+        name = f"| {r.op} | {r.size} | {r.impl}{' (baseline)' if r.baseline else ''} |"
+        if r.status != "ok":
+            lines.append(f"{name} {r.status} | | | |")
+            continue
         vs = ", ".join(f"{k} {v:.2f}x" for k, v in r.vs.items())
-        lines.append(f"| {r.op} | {r.size} | {r.impl}{' (baseline)' if r.baseline else ''} | {r.median_ms:.4f} | "
-                     f"{r.gbps:.2f} | {100 * r.frac_copy_floor:.1f}% | {vs} |")
+        lines.append(f"{name} {r.median_ms:.4f} | {r.gbps:.2f} | {100 * r.frac_copy_floor:.1f}% | {vs} |")
     e2e = [r for r in rows if r.steps]
     if e2e:
         lines += ["", f"End to end ({e2e[0].steps} steps timed per call; every one of the 1000 steps costs the same):",
                   "", "| batch | impl | ms per step | images/s (1000 steps) | MFU | vs baselines |",
                   "| --- | --- | ---: | ---: | ---: | --- |"]
         for r in e2e:
+            name = f"| {r.size} | {r.impl}{' (baseline)' if r.baseline else ''} |"
+            if r.status != "ok":
+                lines.append(f"{name} {r.status} | | | |")
+                continue
             vs = ", ".join(f"{k} {v:.2f}x" for k, v in r.vs.items())
-            lines.append(f"| {r.size} | {r.impl}{' (baseline)' if r.baseline else ''} | {r.ms_per_step:.2f} | "
-                         f"{r.images_per_s_1000_steps:.4f} | {100 * r.frac_matmul_floor:.1f}% | {vs} |")
+            lines.append(f"{name} {r.ms_per_step:.2f} | {r.images_per_s_1000_steps:.4f} | "
+                         f"{100 * r.frac_matmul_floor:.1f}% | {vs} |")
     return "\n".join(lines) + "\n"
 
 
@@ -206,6 +258,7 @@ def plot(rows: List[Row], floors: Dict[str, float], meta: Dict[str, object], pat
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if r.status == "ok"]
     ops = sorted({r.op for r in rows if not r.steps})
     cols = min(3, len(ops) + 1)
     nrows = -(-(len(ops) + 1) // cols)

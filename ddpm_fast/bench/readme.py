@@ -3,7 +3,8 @@
     python -m ddpm_fast.bench.readme benchmarks/results/bench-cpu.json [more.json ...] --write README.md
 
 Each file becomes one section naming its device, versions, date and command; the rows are the
-ddpm_fast implementations with their ratio to every baseline measured in the same run.
+ddpm_fast implementations with their ratio to every baseline measured in the same run, and any of
+them that failed in that run.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ def section(path: str) -> str:
            "| op | size | ours | time | % of copy floor | speed-up over each baseline |", "| --- | --- | --- | ---: | ---: | --- |"]
     for r in d["rows"]:
         if r["baseline"]:
+            continue
+        status = r.get("status", "ok")  # files written before rows had a status hold only successes
+        if status != "ok":
+            out.append(f"| {r['op']} | {r['size']} | {r['impl']} | {status} | | |")
             continue
         t = f"{r['ms_per_step']:.1f} ms/step" if r.get("steps") else f"{r['median_ms']:.3f} ms"
         floor = "" if r.get("steps") else f"{100 * r['frac_copy_floor']:.1f}%"
