@@ -1,52 +1,457 @@
 #!/usr/bin/env bash
-# Validates ddpm-fast on a GPU machine, start to finish, in well under 10 minutes on one H100:
-#   build the extension against this machine's torch, run every test (CUDA-marked ones included),
-#   run compute-sanitizer memcheck and racecheck over one small call of every CUDA kernel, run the
-#   benchmarks, and print a summary table last.  Results and logs go to the directory given (default
-#   benchmarks/results/).  Optional: WHEELS=dir of wheels for test dependencies (pytest,
-#   diffusers, ...) when the machine has no network.
+# shellcheck disable=SC2317  # the check_* functions are called through chk, which shellcheck cannot see
+# Validates ddpm-fast on a GPU machine (H100/H200) in calls that fit in 10 minutes each.
+#
+# Usage: [WHEELS=DIR] bash benchmarks/gpu_validate.sh [--dry-run] [--stage STAGE]... OUT_DIR
+#        bash benchmarks/gpu_validate.sh --help
+#
+# Stages (--stage may be repeated or given a comma-separated list; they always run in this order):
+#   build        rm ddpm_fast/_C*.so; MAX_JOBS=$(nproc) pip install --no-build-isolation --no-deps -v -e .;
+#                fails unless ddpm_fast._ext.BUILD_INFO["cuda"] is true and `cuobjdump --list-elf`
+#                finds sm_90 code in the .so                                          (OUT/build.log)
+#   build+tests  build, then one pytest run over tests/ without TRITON_INTERPRET (with -n 8 when
+#                pytest-xdist is installed), junit XML in OUT/tests.xml; fails if pytest fails or
+#                if no test marked `cuda`, or none marked `triton`, ran (all skipped)
+#                                                          (OUT/build.log, OUT/tests.log, OUT/tests.xml)
+#   sanitize     compute-sanitizer memcheck, then racecheck, over benchmarks/cuda_smoke.py with
+#                PYTORCH_NO_CUDA_MEMORY_CACHING=1: behind the caching allocator memcheck cannot see a
+#                read past a tensor's end that stays inside a cached block (OUT/memcheck.log, OUT/racecheck.log)
+#   bench-quick  python -m ddpm_fast bench --quick --device cuda --out OUT, at most 5 min (OUT/bench-quick.log)
+#   bench        python -m ddpm_fast bench --device cuda --out OUT, the full record  (OUT/bench.log)
+#   pack         everything in OUT -> OUT/gpu-results.tar.gz; fails over 16 MiB
+#   all          build+tests, sanitize, bench, pack: the default; about 20 minutes, so it does not
+#                fit one 10-minute device call (run it with BUDGET_S=0 where time is not limited)
+# sanitize and bench* use the extension already built in this working tree (by build or build+tests,
+# in this call or an earlier one on the same machine) and fail at once if there is none.
+#
+# Every call (but --dry-run) first writes OUT/gpu_env.txt: GPU, driver, nvcc, torch and its CUDA,
+# triton, and what a mismatch between nvcc's and torch's CUDA major versions means.  With WHEELS=DIR
+# it then installs from DIR (pip --no-index --find-links) whichever of diffusers, importlib_metadata,
+# pytest, safetensors, matplotlib and scikit-learn is not importable (OUT/deps.log).
+# Each stage ends with exactly one line, also appended to OUT/summary.txt (after a line per call):
+#   stage NAME: ok|FAIL|dry-run SECONDSs (LOGS)[ - NOTES]
+# Time: each command runs under `timeout` (SIGINT first, so pytest and the benchmark still write
+# their partial results), capped per stage and by the call's budget, BUDGET_S seconds from the start
+# (default 560; 0 = no budget), keeping 20 s for pack.  Exit status: 0 when every selected stage (and
+# the WHEELS install) is ok, 1 otherwise, 2 for bad arguments.
+# --dry-run: prints the commands each selected stage would run, writes a placeholder log per stage,
+# and really runs pack; it runs no pip, pytest, sanitizer or benchmark and needs no GPU (CI runs it).
+# Other settings: PYTHON (default python3), MAX_JOBS, TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX",
+# the CI build; "9.0" compiles one target instead of three), CUDA_HOME.
+#
+# A device machine keeps nothing between calls (it is given back 30 s after one), so every call that
+# needs the extension builds it.  Suggested calls, each writing to the call's $OUT:
+#   1. WHEELS=.whl bash benchmarks/gpu_validate.sh --stage build+tests --stage pack $OUT
+#   2. TORCH_CUDA_ARCH_LIST=9.0 bash benchmarks/gpu_validate.sh --stage build,sanitize,pack $OUT
+#   3. WHEELS=.whl TORCH_CUDA_ARCH_LIST=9.0 bash benchmarks/gpu_validate.sh --stage build,bench,pack $OUT
+#      (bench-quick instead of bench if the full run does not fit after the build)
+# then: tar -xzf gpu-results.tar.gz; cat summary.txt
 set -uo pipefail
-OUT=${1:-benchmarks/results}
-mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
-declare -a SUMMARY
 
-step() {  # step NAME LOG COMMAND...
-  local name=$1 log=$2; shift 2
-  local t0=$SECONDS
-  echo "=== $name"
-  "$@" >"$log" 2>&1
-  local rc=$?
-  tail -n 25 "$log"
-  SUMMARY+=("$(printf '%-22s %-6s %4ss  %s' "$name" "$([ $rc -eq 0 ] && echo ok || echo FAIL)" $((SECONDS - t0)) "$log")")
+usage() { sed -n '3,/^set -uo pipefail/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
+die() { echo "gpu_validate.sh: error: $*" >&2; exit 2; }
+
+ORDER=(build build+tests sanitize bench-quick bench pack)
+declare -A WANT=()
+DRY_RUN=0
+OUT=
+while [ $# -gt 0 ]; do
+  case $1 in
+    -h|--help) usage; exit 0 ;;
+    --dry-run) DRY_RUN=1 ;;
+    --stage|--stage=*)
+      if [ "$1" = --stage ]; then
+        [ $# -ge 2 ] || die "--stage needs a value (${ORDER[*]} all)"
+        list=$2; shift
+      else
+        list=${1#--stage=}
+      fi
+      IFS=, read -ra names <<<"$list"
+      [ ${#names[@]} -gt 0 ] || die "--stage needs a value (${ORDER[*]} all)"
+      for s in "${names[@]}"; do
+        case $s in
+          build|build+tests|sanitize|bench-quick|bench|pack) WANT[$s]=1 ;;
+          all) WANT[build+tests]=1; WANT[sanitize]=1; WANT[bench]=1; WANT[pack]=1 ;;
+          *) die "unknown stage '$s' (stages: ${ORDER[*]} all)" ;;
+        esac
+      done ;;
+    -*) die "unknown option $1 (see --help)" ;;
+    *) [ -z "$OUT" ] || die "one OUT_DIR only, got '$OUT' and '$1'"; OUT=$1 ;;
+  esac
+  shift
+done
+[ -n "$OUT" ] || die "missing OUT_DIR (see --help)"
+[ ${#WANT[@]} -gt 0 ] || { WANT[build+tests]=1; WANT[sanitize]=1; WANT[bench]=1; WANT[pack]=1; }
+[ -n "${WANT[build+tests]:-}" ] && unset 'WANT[build]'  # build+tests builds
+BUDGET_S=${BUDGET_S:-560}
+[[ $BUDGET_S =~ ^[0-9]+$ ]] || die "BUDGET_S must be a whole number of seconds, got '$BUDGET_S'"
+
+# OUT and WHEELS are relative to the caller's directory; everything runs from the repository root.
+case $OUT in /*) ;; *) OUT=$PWD/$OUT ;; esac
+WHEELS=${WHEELS:-}
+if [ -n "$WHEELS" ]; then
+  case $WHEELS in /*) ;; *) WHEELS=$PWD/$WHEELS ;; esac
+  [ -d "$WHEELS" ] || die "WHEELS=$WHEELS is not a directory"
+fi
+cd "$(dirname "$0")/.." || die "cannot cd to the repository root"
+ROOT=$PWD
+mkdir -p "$OUT" || die "cannot create $OUT"
+OUT=$(cd "$OUT" && pwd)
+
+PY=${PYTHON:-$(command -v python3 || command -v python || echo python3)}
+MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}  # later stages import the build in this tree
+export PYTHONUNBUFFERED=1
+# Same rule as setup.py, so the nvcc reported below is the one the build uses.
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+PACK_RESERVE=20
+TMP=$(mktemp -d) || die "mktemp failed"
+trap 'rm -rf "$TMP"' EXIT
+EXIT=0
+
+# ---------------------------------------------------------------- helpers
+show() { printf '+'; printf ' %q' "$@"; printf '\n'; }
+
+limit_for() {  # limit_for CAP: seconds a command may run, CAP or what is left of BUDGET_S
+  local left
+  [ "$BUDGET_S" -eq 0 ] && { echo "$1"; return; }
+  left=$((BUDGET_S - SECONDS - PACK_RESERVE))
+  echo $((left < $1 ? left : $1))
+}
+
+cmd() {  # cmd LOG CAP COMMAND...: print COMMAND; unless --dry-run run it under timeout, output appended to LOG
+  local log=$1 limit rc
+  limit=$(limit_for "$2"); shift 2
+  LAST_LOG=$log
+  show timeout -s INT -k 15 "$limit" "$@"
+  if [ "$DRY_RUN" = 1 ]; then echo "dry run: would run: $*" >>"$log"; return 0; fi
+  if [ "$limit" -lt 10 ]; then echo "not run: no time left in BUDGET_S=$BUDGET_S" | tee -a "$log"; return 124; fi
+  echo "+ $* (limit ${limit}s)" >>"$log"
+  timeout -s INT -k 15 "$limit" "$@" >>"$log" 2>&1
+  rc=$?
+  [ $rc -eq 124 ] && echo "TIMED OUT after ${limit}s" | tee -a "$log"
   return $rc
 }
 
-{
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-  $PY -c 'import torch, sys; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)'
-  $PY -c 'import triton; print("triton", triton.__version__)' || echo "triton not installed"
-} | tee "$OUT/gpu_env.txt"
+chk() {  # chk LOG WHAT FUNCTION [ARGS]...: run a quick check unless --dry-run; its last line goes to CHECK_MSG
+  local log=$1 what=$2 out rc; shift 2
+  echo "+ check: $what"
+  if [ "$DRY_RUN" = 1 ]; then echo "dry run: would check: $what" >>"$log"; CHECK_MSG=; return 0; fi
+  out=$("$@" 2>&1); rc=$?
+  printf '%s\n' "$out" | tee -a "$log"
+  CHECK_MSG=$(printf '%s\n' "$out" | tail -n 1)
+  return $rc
+}
 
-if [ -n "${WHEELS:-}" ]; then
-  step "test deps" "$OUT/deps.log" $PY -m pip install --no-index --find-links "$WHEELS" \
-    pytest pytest-benchmark diffusers safetensors matplotlib
-fi
-step "build" "$OUT/build.log" $PY -m pip install --no-build-isolation --no-deps -v -e . || true
-step "tests" "$OUT/tests.log" $PY -m pytest tests -q -rs --junitxml="$OUT/tests.xml"
-if command -v compute-sanitizer >/dev/null || [ -x /usr/local/cuda/bin/compute-sanitizer ]; then
-  SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-  step "memcheck" "$OUT/memcheck.log" "$SAN" --tool memcheck --error-exitcode 1 $PY benchmarks/cuda_smoke.py
-  # Shared-memory hazards (the attention and GroupNorm kernels stage tiles and partial sums there).
-  step "racecheck" "$OUT/racecheck.log" "$SAN" --tool racecheck --error-exitcode 1 $PY benchmarks/cuda_smoke.py
+begin() { STAGE=$1; T0=$SECONDS; FAILED=0; NOTES=; SIMULATED=$DRY_RUN; LAST_LOG=; echo; echo "=== stage $1"; }
+note() { NOTES=${NOTES:+$NOTES; }$*; }
+fail() { FAILED=1; note "$@"; }
+end() {  # end LOG...: print the stage's summary line and append it to OUT/summary.txt
+  local status=ok logs line
+  [ "$SIMULATED" = 1 ] && status=dry-run
+  [ "$FAILED" = 1 ] && status=FAIL && EXIT=1
+  if [ "$FAILED" = 1 ] && [ "$DRY_RUN" = 0 ] && [ -s "$LAST_LOG" ]; then
+    echo "--- last 30 lines of $LAST_LOG"; tail -n 30 "$LAST_LOG"; echo "---"
+  fi
+  logs=$(printf '%s, ' "$@"); logs=${logs%, }
+  line="stage $STAGE: $status $((SECONDS - T0))s ($logs)${NOTES:+ - $NOTES}"
+  echo "$line"; echo "$line" >>"$OUT/summary.txt"
+}
+
+find_tool() {  # find_tool NAME: a CUDA tool on PATH, in CUDA_HOME, /usr/local/cuda or the nvidia-* wheels
+  local p
+  for p in "$(command -v "$1")" "${CUDA_HOME:-/usr/local/cuda}/bin/$1" "/usr/local/cuda/bin/$1"; do
+    [ -n "$p" ] && [ -x "$p" ] && { echo "$p"; return 0; }
+  done
+  "$PY" - "$1" 2>/dev/null <<'PY'
+import glob, os, sys
+import nvidia  # namespace package of the nvidia-* wheels, e.g. nvidia/cu13/bin/cuobjdump
+for root in nvidia.__path__:
+    for p in sorted(glob.glob(os.path.join(root, "*", "bin", sys.argv[1]))
+                    + glob.glob(os.path.join(root, "*", "compute-sanitizer", sys.argv[1]))):
+        if os.access(p, os.X_OK):
+            sys.exit(print(p))
+sys.exit(1)
+PY
+}
+
+# ---------------------------------------------------------------- checks (each prints its verdict last)
+check_build_info() {
+  "$PY" - <<'PY'
+import ddpm_fast._ext as e
+print("BUILD_INFO:", e.BUILD_INFO)
+if e._C is None:
+    raise SystemExit(f"the extension does not import: {e.IMPORT_ERROR}")
+if not e.BUILD_INFO.get("cuda"):
+    raise SystemExit("the extension was built WITHOUT CUDA (no nvcc/CUDA_HOME at build time, or a CPU build of torch)")
+print(f"built with CUDA {e.BUILD_INFO.get('cuda_version')} for archs {e.BUILD_INFO.get('cuda_archs')}: {e._C.__file__}")
+PY
+}
+
+check_sm90() {
+  local so tool elves
+  so=$("$PY" -c 'import ddpm_fast._C as c; print(c.__file__)') || { echo "ddpm_fast._C does not import"; return 1; }
+  tool=$(find_tool cuobjdump) || { echo "cuobjdump not found (PATH, CUDA_HOME/bin, /usr/local/cuda/bin, nvidia wheels)"; return 1; }
+  elves=$("$tool" --list-elf "$so") || { echo "$tool --list-elf $so failed"; return 1; }
+  echo "$elves"
+  grep -q 'sm_90' <<<"$elves" || { echo "no sm_90 code in $so (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-unset})"; return 1; }
+  echo "cubins: $(grep -o 'sm_[0-9]*a\{0,1\}' <<<"$elves" | sort -u | paste -sd ' ')"
+}
+
+check_cuda_ready() {
+  "$PY" -c '
+import ddpm_fast._ext as e
+s = e.cuda_status()
+print("BUILD_INFO:", e.BUILD_INFO)
+hint = "" if e.BUILD_INFO and e.BUILD_INFO["cuda"] else ": run the build stage first, in this call (a fresh machine keeps no build)"
+raise SystemExit(0 if s is True else f"no usable CUDA extension ({s}){hint}")'
+}
+
+write_marker_plugin() {  # a pytest plugin recording each test's cuda/triton marker as a junit property
+  cat >"$TMP/gv_markers.py" <<'PY'
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for name in ("cuda", "triton"):
+            if item.get_closest_marker(name):
+                item.user_properties.append(("marker", name))
+PY
+}
+
+check_tests_xml() {  # check_tests_xml XML: counts; fails unless some cuda- and some triton-marked test ran
+  "$PY" - "$1" <<'PY'
+import sys
+import xml.etree.ElementTree as ET
+from collections import Counter
+
+try:
+    root = ET.parse(sys.argv[1]).getroot()
+except (OSError, ET.ParseError) as e:
+    sys.exit(f"no readable junit XML ({e})")
+outcomes, ran, skipped, reasons = Counter(), Counter(), Counter(), Counter()
+for case in root.iter("testcase"):
+    outcome, why = "passed", ""
+    for child in case:
+        if child.tag in ("failure", "error"):
+            outcome = "failed"
+        elif child.tag == "skipped" and outcome == "passed":
+            outcome = "xfailed" if child.get("type") == "pytest.xfail" else "skipped"
+            why = child.get("message", "")
+    outcomes[outcome] += 1
+    for p in case.iter("property"):
+        if p.get("name") == "marker":
+            m = p.get("value")
+            if outcome == "skipped":
+                skipped[m] += 1
+                reasons[(m, why)] += 1
+            else:
+                ran[m] += 1
+for (m, why), n in reasons.most_common(15):
+    print(f"skipped {m}-marked: {n} x {why}")
+counts = ", ".join(f"{n} {o}" for o, n in sorted(outcomes.items()))
+msg = f"tests: {counts}; cuda-marked: {ran['cuda']} ran, {skipped['cuda']} skipped; " \
+      f"triton-marked: {ran['triton']} ran, {skipped['triton']} skipped"
+missing = [m for m in ("cuda", "triton") if not ran[m]]
+if missing:
+    sys.exit(f"no {' and no '.join(missing)}-marked test ran ({msg})")
+print(msg)
+PY
+}
+
+# ---------------------------------------------------------------- environment
+env_report() {
+  local tv nv
+  echo "date $(date -u +%Y-%m-%dT%H:%M:%SZ), host $(hostname), $(nproc) CPUs, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  if command -v nvidia-smi >/dev/null; then
+    echo "gpu: $(nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader 2>&1)"
+    echo "driver supports up to $(nvidia-smi 2>&1 | grep -o 'CUDA Version: *[0-9.]*' || echo 'CUDA Version: ?')"
+  else
+    echo "gpu: nvidia-smi not found"
+  fi
+  "$PY" - <<'PY' || echo "python: $PY failed to import torch"
+import sys, importlib.metadata as md, importlib.util
+import torch
+print("python", sys.version.split()[0], sys.executable)
+print("torch", torch.__version__, "| torch.version.cuda", torch.version.cuda, "| cuda available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(0), "| capability", torch.cuda.get_device_capability(0))
+for dist in ("triton", "pytest", "pytest-xdist", "diffusers", "numpy"):
+    try:
+        print(dist, md.version(dist))
+    except md.PackageNotFoundError:
+        print(dist, "NOT INSTALLED")
+PY
+  echo "CUDA_HOME=${CUDA_HOME:-unset} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-unset (setup.py: 8.0;9.0+PTX)} MAX_JOBS=$MAX_JOBS TRITON_INTERPRET=${TRITON_INTERPRET:-unset}"
+  NVCC=${CUDA_HOME:+$CUDA_HOME/bin/nvcc}
+  [ -x "${NVCC:-}" ] || NVCC=$(command -v nvcc || true)
+  nv=$([ -n "$NVCC" ] && "$NVCC" --version 2>/dev/null | sed -n 's/.*release \([0-9][0-9.]*\).*/\1/p')
+  tv=$("$PY" -c 'import torch; print(torch.version.cuda or "")' 2>/dev/null)
+  echo "nvcc: ${NVCC:-not found} (CUDA ${nv:-?})"
+  echo "cuobjdump: $(find_tool cuobjdump || echo 'not found')"
+  echo "compute-sanitizer: $(find_tool compute-sanitizer || echo 'not found')"
+  if [ -z "$tv" ]; then
+    echo "WARNING: torch.version.cuda is empty (a CPU build of torch, or torch does not import): the extension builds without CUDA and the build stage fails. Install a CUDA build of torch."
+  elif [ -z "$nv" ]; then
+    echo "WARNING: no nvcc found (CUDA_HOME, PATH): setup.py then builds a CPU-only extension and the build stage fails. Install the CUDA $tv toolkit or set CUDA_HOME to one."
+  elif [ "${nv%%.*}" != "${tv%%.*}" ]; then
+    cat <<EOF
+WARNING: nvcc is CUDA $nv but torch was built with CUDA $tv: the major versions differ.
+  What it means: torch.utils.cpp_extension refuses to build an extension when nvcc's major version
+  differs from torch.version.cuda's ("The detected CUDA version ($nv) mismatches the version that
+  was used to compile PyTorch ($tv)"), so the build stage will fail; an extension forced through
+  would need a CUDA runtime other than the one torch loads, or hold code this driver cannot load.
+  What to do: set CUDA_HOME to a toolkit matching torch.version.cuda ($tv) and run again
+  (toolkits here: $(printf '%s ' /usr/local/cuda-*)), or install the torch build
+  for CUDA $nv (the cu${nv//./} wheels).
+EOF
+  elif [ "$nv" != "$tv" ]; then
+    echo "note: nvcc CUDA $nv vs torch CUDA $tv: same major version, which torch accepts (minor differences only warn)."
+  fi
+}
+
+install_wheels() {  # pip-installs from WHEELS whichever of these modules is not importable
+  local mod dist missing=() rc=0
+  for mod in diffusers:diffusers importlib_metadata:importlib_metadata pytest:pytest \
+             safetensors:safetensors matplotlib:matplotlib sklearn:scikit-learn; do
+    "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('${mod%%:*}') is None)" 2>/dev/null \
+      || missing+=("${mod#*:}")
+  done
+  echo "missing: ${missing[*]:-nothing}"
+  for dist in ${missing[@]+"${missing[@]}"}; do
+    show "$PY" -m pip install --no-index --find-links "$WHEELS" "$dist"
+    "$PY" -m pip install --no-index --find-links "$WHEELS" "$dist" || { echo "FAILED: $dist"; rc=1; }
+  done
+  return $rc
+}
+
+# ---------------------------------------------------------------- stages
+do_build() {  # the build, its two checks; failures go to the stage's notes
+  local log=$OUT/build.log rc
+  echo "+ rm -f ddpm_fast/_C*.so"  # a stale .so must not stand in for a failed build
+  [ "$DRY_RUN" = 1 ] || rm -f ddpm_fast/_C*.so
+  cmd "$log" 420 env MAX_JOBS="$MAX_JOBS" "$PY" -m pip install --no-build-isolation --no-deps -v -e .
+  rc=$?
+  if [ $rc -ne 0 ]; then fail "build: pip install failed (rc $rc$([ $rc -eq 124 ] && echo ', timed out'))"; return 1; fi
+  chk "$log" 'ddpm_fast._ext.BUILD_INFO["cuda"] is true' check_build_info || { fail "build: $CHECK_MSG"; return 1; }
+  chk "$log" 'cuobjdump --list-elf finds sm_90 code in the .so' check_sm90 || { fail "build: $CHECK_MSG"; return 1; }
+  [ -n "$CHECK_MSG" ] && note "build: $CHECK_MSG"
+  return 0
+}
+
+stage_build() {
+  begin build
+  : >"$OUT/build.log"
+  do_build
+  end "$OUT/build.log"
+}
+
+stage_build_tests() {
+  begin build+tests
+  local log=$OUT/tests.log rc xdist=()
+  : >"$OUT/build.log"; : >"$log"
+  do_build  # the tests still run after a failed build: they show what works without it
+  write_marker_plugin
+  "$PY" -c 'import xdist' 2>/dev/null && xdist=(-n 8)
+  rm -f "$OUT/tests.xml"
+  cmd "$log" 480 env -u TRITON_INTERPRET PYTHONPATH="$TMP:$PYTHONPATH" "$PY" -m pytest tests -q \
+    ${xdist[@]+"${xdist[@]}"} -p gv_markers -p no:cacheprovider --junitxml="$OUT/tests.xml"
+  rc=$?
+  [ $rc -eq 0 ] || fail "pytest rc $rc$([ $rc -eq 124 ] && echo ' (timed out)')"
+  if chk "$log" "$OUT/tests.xml: some cuda- and some triton-marked tests ran (not skipped)" check_tests_xml "$OUT/tests.xml"; then
+    [ -n "$CHECK_MSG" ] && note "$CHECK_MSG"
+  else
+    fail "$CHECK_MSG"
+  fi
+  end "$OUT/build.log" "$log" "$OUT/tests.xml"
+}
+
+stage_sanitize() {
+  begin sanitize
+  local tool t rc logs=()
+  for t in memcheck racecheck; do : >"$OUT/$t.log"; logs+=("$OUT/$t.log"); done
+  if ! chk "$OUT/memcheck.log" "the CUDA extension is built and a GPU is visible" check_cuda_ready; then
+    fail "$CHECK_MSG"; end "${logs[@]}"; return
+  fi
+  tool=compute-sanitizer
+  if [ "$DRY_RUN" = 0 ] && ! tool=$(find_tool compute-sanitizer); then
+    fail "compute-sanitizer not found (PATH, CUDA_HOME/bin, /usr/local/cuda/bin, nvidia wheels)"; end "${logs[@]}"; return
+  fi
+  for t in memcheck racecheck; do
+    local t1=$SECONDS
+    cmd "$OUT/$t.log" 300 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$tool" --tool "$t" --error-exitcode 1 \
+      "$PY" benchmarks/cuda_smoke.py
+    rc=$?
+    if [ "$DRY_RUN" = 1 ]; then
+      :
+    elif [ $rc -eq 0 ]; then
+      note "$t ok $((SECONDS - t1))s"
+    else
+      fail "$t FAIL $((SECONDS - t1))s (rc $rc$([ $rc -eq 124 ] && echo ', timed out'))"
+      grep -q 'Device not supported' "$OUT/$t.log" 2>/dev/null \
+        && note "compute-sanitizer says 'Device not supported' (seen on gVisor machines; Firecracker ones work)"
+    fi
+  done
+  end "${logs[@]}"
+}
+
+stage_bench() {  # stage_bench NAME CAP [--quick]
+  local name=$1 cap=$2 log=$OUT/$1.log rc result; shift 2
+  begin "$name"
+  result=$OUT/bench-cuda$([ $# -gt 0 ] && echo -quick).json
+  : >"$log"
+  if ! chk "$log" "the CUDA extension is built and a GPU is visible" check_cuda_ready; then
+    fail "$CHECK_MSG"; end "$log"; return
+  fi
+  cmd "$log" "$cap" "$PY" -m ddpm_fast bench "$@" --device cuda --out "$OUT"
+  rc=$?
+  case $rc in
+    0) ;;
+    124) fail "timed out: the cases finished are in $result" ;;
+    *) fail "rc $rc: $(grep -E 'cases failed|not importable' "$log" | tail -n 2 | tr '\n' ' ')" ;;
+  esac
+  [ "$DRY_RUN" = 1 ] || [ -s "$result" ] || fail "no $result"
+  end "$log" "$result"
+}
+
+stage_pack() {
+  begin pack
+  SIMULATED=0  # packing runs in a dry run too
+  local tgz=$OUT/gpu-results.tar.gz size files
+  show tar -C "$OUT" --exclude=gpu-results.tar.gz -czf "$tgz" .
+  if tar -C "$OUT" --exclude=gpu-results.tar.gz -czf "$TMP/pack.tar.gz" . && mv -f "$TMP/pack.tar.gz" "$tgz"; then
+    size=$(stat -c %s "$tgz")
+    files=$(tar -tzf "$tgz" | grep -vc '/$')
+    note "$files files, $((size / 1024)) KiB"
+    [ "$size" -le $((16 * 1024 * 1024)) ] || fail "over 16 MiB: it will not come back from a device call"
+  else
+    fail "tar failed"
+  fi
+  end "$tgz"
+}
+
+# ---------------------------------------------------------------- main
+STAGES=$(for s in "${ORDER[@]}"; do [ -n "${WANT[$s]:-}" ] && printf '%s ' "$s"; done)
+echo "gpu_validate.sh: stages ${STAGES}-> $OUT$([ "$DRY_RUN" = 1 ] && echo ' (dry run)')"
+echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ) gpu_validate.sh$([ "$DRY_RUN" = 1 ] && echo ' --dry-run') stages: $STAGES" >>"$OUT/summary.txt"
+if [ "$DRY_RUN" = 1 ]; then
+  echo "+ environment report (nvidia-smi, nvcc --version, torch, triton) > $OUT/gpu_env.txt"
+  echo "dry run: the environment was not probed" >"$OUT/gpu_env.txt"
+  [ -z "$WHEELS" ] || echo "+ $PY -m pip install --no-index --find-links $WHEELS DIST (for each of diffusers importlib_metadata pytest safetensors matplotlib scikit-learn not importable) > $OUT/deps.log"
 else
-  SUMMARY+=("$(printf '%-22s %-6s' memcheck MISSING) compute-sanitizer not found on this machine")
+  env_report 2>&1 | tee "$OUT/gpu_env.txt"
+  if [ -n "$WHEELS" ]; then
+    if install_wheels >"$OUT/deps.log" 2>&1; then
+      echo "deps: ok ($(head -n 1 "$OUT/deps.log"); $OUT/deps.log)" | tee -a "$OUT/summary.txt"
+    else
+      echo "deps: FAIL ($(grep FAILED "$OUT/deps.log" | tr '\n' ' ')$OUT/deps.log)" | tee -a "$OUT/summary.txt"
+      EXIT=1
+    fi
+  fi
 fi
-step "benchmarks" "$OUT/bench.log" $PY -m ddpm_fast bench --out "$OUT"
 
-echo
-echo "=== summary ($OUT)"
-printf '%s\n' "${SUMMARY[@]}"
-grep -E "^\| .*ddpm_fast" "$OUT"/bench-cuda.md 2>/dev/null || true
-printf '%s\n' "${SUMMARY[@]}" | grep -q -E "FAIL|MISSING" && exit 1 || exit 0
+[ -n "${WANT[build]:-}" ] && stage_build
+[ -n "${WANT[build+tests]:-}" ] && stage_build_tests
+[ -n "${WANT[sanitize]:-}" ] && stage_sanitize
+[ -n "${WANT[bench-quick]:-}" ] && stage_bench bench-quick 300 --quick
+[ -n "${WANT[bench]:-}" ] && stage_bench bench 540
+[ -n "${WANT[pack]:-}" ] && stage_pack
+exit $EXIT

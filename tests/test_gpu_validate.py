@@ -1,0 +1,116 @@
+"""benchmarks/gpu_validate.sh, exercised through --dry-run: argument parsing, stage selection, the
+commands it would run, one summary line per stage, and the real pack step.  Runs no GPU work."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_validate.sh"
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("tar") is None,
+                                reason="needs bash and tar")
+
+
+def run(args, cwd, **env):
+    e = {k: v for k, v in os.environ.items() if k not in ("WHEELS", "BUDGET_S")}
+    e.update(PYTHON=sys.executable, **env)
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=cwd, env=e, capture_output=True, text=True, timeout=60)
+
+
+def summary(stdout):
+    """{stage: (status, the whole line)} from the 'stage NAME: STATUS ...' lines, checking each stage has one."""
+    lines = re.findall(r"^stage (\S+): (ok|FAIL|dry-run) \d+s \((.*)$", stdout, re.M)
+    names = [name for name, _, _ in lines]
+    assert len(names) == len(set(names)), stdout
+    return {name: status for name, status, _ in lines}, names
+
+
+def members(tgz):
+    with tarfile.open(tgz) as t:
+        return {os.path.normpath(m.name) for m in t.getmembers() if m.isfile()}
+
+
+def test_help():
+    r = run(["--help"], cwd=SCRIPT.parent)
+    assert r.returncode == 0, r.stderr
+    assert "Usage:" in r.stdout and "--dry-run" in r.stdout and "OUT_DIR" in r.stdout
+    for stage in ("build+tests", "sanitize", "bench-quick", "bench", "pack", "all"):
+        assert f"  {stage} " in r.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dry-run", "--stage", "nope", "out"], "unknown stage 'nope'"),
+    (["--dry-run", "--stage=build,,pack", "out"], "unknown stage ''"),
+    (["--dry-run", "out", "--stage"], "--stage needs a value"),
+    (["--dry-run", "--frobnicate", "out"], "unknown option --frobnicate"),
+    (["--dry-run"], "missing OUT_DIR"),
+    (["--dry-run", "a", "b"], "one OUT_DIR only"),
+])
+def test_bad_arguments_exit_2_with_one_line(tmp_path, args, message):
+    r = run(args, cwd=tmp_path)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.count("\n") == 1 and message in r.stderr and r.stderr.startswith("gpu_validate.sh: error:")
+    assert not (tmp_path / "out").exists() and r.stdout == ""
+
+
+def test_dry_run_all_stages(tmp_path):
+    r = run(["--dry-run", "out"], cwd=tmp_path, TRITON_INTERPRET="1")  # no --stage: all
+    assert r.returncode == 0, r.stdout + r.stderr
+    status, order = summary(r.stdout)
+    assert order == ["build+tests", "sanitize", "bench", "pack"]
+    assert status == {"build+tests": "dry-run", "sanitize": "dry-run", "bench": "dry-run", "pack": "ok"}
+    out = tmp_path / "out"
+    # the commands it would run: a build that is checked, pytest without TRITON_INTERPRET, sanitizers
+    # without the caching allocator, the full benchmark on the GPU
+    assert "pip install --no-build-isolation --no-deps -v -e ." in r.stdout
+    assert "check: ddpm_fast._ext.BUILD_INFO[\"cuda\"] is true" in r.stdout and "sm_90" in r.stdout
+    pytest_cmd = next(line for line in r.stdout.splitlines() if " -m pytest " in line)
+    assert "-u TRITON_INTERPRET" in pytest_cmd and "TRITON_INTERPRET=1" not in pytest_cmd
+    assert f"--junitxml={out}/tests.xml" in pytest_cmd
+    for tool in ("memcheck", "racecheck"):
+        line = next(line for line in r.stdout.splitlines() if f"--tool {tool}" in line)
+        assert "PYTORCH_NO_CUDA_MEMORY_CACHING=1" in line and line.endswith("benchmarks/cuda_smoke.py")
+    bench = next(line for line in r.stdout.splitlines() if " -m ddpm_fast bench" in line)
+    assert "--quick" not in bench and f"--out {out}" in bench and "--device cuda" in bench
+    assert re.search(r"timeout -s INT -k 15 \d+ ", bench)
+    # placeholder logs, packed
+    logs = {"gpu_env.txt", "build.log", "tests.log", "memcheck.log", "racecheck.log", "bench.log", "summary.txt"}
+    assert logs <= members(out / "gpu-results.tar.gz")
+    assert "gpu-results.tar.gz" not in members(out / "gpu-results.tar.gz")
+    lines = (out / "summary.txt").read_text().splitlines()
+    assert lines[0].startswith("== ") and [line.split(":")[0] for line in lines[1:]] == [
+        "stage build+tests", "stage sanitize", "stage bench", "stage pack"]
+
+
+def test_dry_run_selected_stages_relative_out_from_another_directory(tmp_path):
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    r = run(["--dry-run", "--stage", "pack,bench-quick", "--stage=build", "rel/out"], cwd=cwd)
+    assert r.returncode == 0, r.stdout + r.stderr
+    status, order = summary(r.stdout)
+    assert order == ["build", "bench-quick", "pack"]  # always in the script's order
+    assert status == {"build": "dry-run", "bench-quick": "dry-run", "pack": "ok"}
+    out = cwd / "rel" / "out"
+    assert (out / "gpu-results.tar.gz").is_file()
+    packed = members(out / "gpu-results.tar.gz")
+    assert {"build.log", "bench-quick.log", "gpu_env.txt", "summary.txt"} <= packed
+    assert not {"tests.log", "memcheck.log", "bench.log"} & packed
+    assert " --quick " in next(line for line in r.stdout.splitlines() if " -m ddpm_fast bench" in line)
+    assert " -m pytest " not in r.stdout
+
+
+def test_pack_only_packs_what_is_there_and_not_its_own_tarball(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "bench-cuda.json").write_text("{}")
+    (out / "gpu-results.tar.gz").write_bytes(b"an old tarball")
+    r = run(["--dry-run", "--stage", "pack", str(out)], cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    status, _ = summary(r.stdout)
+    assert status == {"pack": "ok"}
+    assert members(out / "gpu-results.tar.gz") == {"bench-cuda.json", "gpu_env.txt", "summary.txt"}
