@@ -13,11 +13,20 @@ import torch
 import triton
 import triton.language as tl
 
+from ..schedule import TABLE_ROWS
 from .philox import normal4
 
-# Rows of the schedule's device table (ddpm_fast/schedule.py TABLE_ROWS).
-ROW_BETAS, ROW_SQRT_ABAR, ROW_SQRT_1M_ABAR, ROW_RECIP_SQRT_ALPHA, ROW_EPS_COEF = 0, 3, 4, 5, 6
-ROW_C1, ROW_C2, ROW_POST_VAR, ROW_POST_LOGVAR, ROW_LOG_BETAS = 7, 8, 9, 10, 11
+
+def _row(name: str) -> tl.constexpr:
+    # A kernel may read a module global only as a tl.constexpr (the interpreter takes any global).
+    return tl.constexpr(TABLE_ROWS.index(name))
+
+
+ROW_BETAS, ROW_SQRT_ABAR, ROW_SQRT_1M_ABAR = _row("betas"), _row("sqrt_alphas_cumprod"), _row("sqrt_one_minus_alphas_cumprod")
+ROW_RECIP_SQRT_ALPHA, ROW_EPS_COEF = _row("sqrt_recip_alphas"), _row("eps_coef")
+ROW_C1, ROW_C2 = _row("posterior_mean_coef1"), _row("posterior_mean_coef2")
+ROW_POST_VAR, ROW_POST_LOGVAR = _row("posterior_variance"), _row("posterior_log_variance_clipped")
+ROW_LOG_BETAS = _row("log_betas")
 
 
 @triton.jit
