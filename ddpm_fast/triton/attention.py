@@ -76,10 +76,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
     if o.numel() == 0:
         return o
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    BLOCK_M = 64 if BLOCK_D <= 128 else 32
-    BLOCK_N = 64 if BLOCK_D <= 64 else 32
+    if q.dtype == torch.float32:
+        # fp32 tiles take twice the registers and shared memory of 16-bit ones: these compile
+        # without spills under triton 3.6 and 3.8 (ddpm_fast.triton.compile_gate) and, at d = 256,
+        # fit the 163 KB of shared memory an sm_80 block can have.
+        BLOCK_M, BLOCK_N, num_warps = (64, 32, 8) if BLOCK_D <= 128 else (16, 16, 4)
+    else:
+        BLOCK_M = 64 if BLOCK_D <= 128 else 32
+        BLOCK_N = 64 if BLOCK_D <= 64 else 32
+        num_warps = 4 if BLOCK_D <= 64 else 8
     grid = (triton.cdiv(Lq, BLOCK_M), B * H)
     _attention_fwd[grid](q, k, v, o, *q.stride(), *k.stride(), *v.stride(), H, Lq, Lk, D, scale * 1.4426950408889634,
-                         FP32_DOT=q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and INTERPRETED), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D,
-                         num_warps=4 if BLOCK_D <= 64 else 8)
+                         FP32_DOT=q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and INTERPRETED),
+                         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=num_warps)
     return o

@@ -65,7 +65,7 @@ def _finish(y_ptr, d, mean, rstd, offs, mask, b, c, cmask, C, w_ptr, bias_ptr, s
 
 @triton.jit
 def _gn_onchip(x_ptr, y_ptr, w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, G, C, HW, CG, stride_c, stride_hw,
-               eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SCALE: tl.constexpr,
+               count, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SCALE: tl.constexpr,
                HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
     bg = tl.program_id(0)
     b, g = bg // G, bg % G
@@ -73,10 +73,9 @@ def _gn_onchip(x_ptr, y_ptr, w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, G, 
     cl = tl.arange(0, BLOCK_C)
     px, pa = _pivot(x_ptr, add_ptr, b, g, C, HW, CG, stride_c, HAS_ADD)
     d, offs, mask, c = _load_tile(x_ptr, add_ptr, b, g, hw, cl, HW, C, CG, stride_c, stride_hw, px, pa, HAS_ADD)
-    n = (HW * CG).to(tl.float32)
-    mean = tl.sum(tl.sum(d, 1), 0) / n
+    mean = tl.sum(tl.sum(d, 1), 0) / count
     dc = tl.where(mask, d - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(dc * dc, 1), 0) / n + eps)
+    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(dc * dc, 1), 0) / count + eps)
     _finish(y_ptr, d, mean, rstd, offs, mask, b, c, cl < CG, C, w_ptr, bias_ptr, scale_ptr, shift_ptr, HAS_W, HAS_B,
             HAS_SCALE, HAS_SHIFT, SILU)
 
@@ -102,7 +101,7 @@ def _gn_stats(x_ptr, add_ptr, part_ptr, G, C, HW, CG, stride_c, stride_hw, chunk
 
 @triton.jit
 def _gn_norm(x_ptr, y_ptr, w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, part_ptr, G, C, HW, CG, stride_c,
-             stride_hw, chunk, S, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr,
+             stride_hw, chunk, S, count, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr,
              HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, BLOCK_HW: tl.constexpr,
              BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     bg = tl.program_id(0)
@@ -113,15 +112,20 @@ def _gn_norm(x_ptr, y_ptr, w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, part_
     k = tl.arange(0, BLOCK_S)
     s1 = tl.sum(tl.load(part_ptr + (bg * S + k) * 2, mask=k < S, other=0.0), 0)
     s2 = tl.sum(tl.load(part_ptr + (bg * S + k) * 2 + 1, mask=k < S, other=0.0), 0)
-    n = (HW * CG).to(tl.float32)
-    md = s1 / n
-    rstd = 1.0 / tl.sqrt(tl.maximum(s2 / n - md * md, 0.0) + eps)
+    md = s1 / count
+    rstd = 1.0 / tl.sqrt(tl.maximum(s2 / count - md * md, 0.0) + eps)
     for start in range(s * chunk, tl.minimum((s + 1) * chunk, HW), BLOCK_HW):
         hw = start + tl.arange(0, BLOCK_HW)
         d, offs, mask, c = _load_tile(x_ptr, add_ptr, b, g, hw, cl, HW, C, CG, stride_c, stride_hw, px, pa,
                                       HAS_ADD)
         _finish(y_ptr, d, md, rstd, offs, mask, b, c, cl < CG, C, w_ptr, bias_ptr, scale_ptr, shift_ptr, HAS_W,
                 HAS_B, HAS_SCALE, HAS_SHIFT, SILU)
+
+
+def _num_warps(tile: int) -> int:
+    # About 8 values a thread at most (Triton's layer-norm heuristic); 4 warps on a 2048-value tile
+    # spill under triton 3.6 (ddpm_fast.triton.compile_gate).
+    return min(max(tile // 256, 1), 8)
 
 
 def _programs_wanted(device: torch.device) -> int:
@@ -145,21 +149,23 @@ def group_norm(x: torch.Tensor, num_groups: int, weight, bias, eps: float, add, 
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_ADD=add is not None,
                  HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=bool(silu))
     ptrs = [t if t is not None else x for t in (weight, bias, add, scale, shift)]
+    count = float(HW * CG)  # a float: an int argument equal to 1 would become a constant, and int.to() fails
     onchip_hw = triton.next_power_of_2(HW)
     fits = onchip_hw * BLOCK_C <= ONCHIP_MAX
     if split == 0:
         split = 1 if fits and B * G >= _programs_wanted(x.device) else max(1, _programs_wanted(x.device) // (B * G))
     if split == 1 and fits:
-        _gn_onchip[(B * G,)](x, y, *ptrs, G, C, HW, CG, stride_c, stride_hw, eps, BLOCK_HW=onchip_hw,
-                             BLOCK_C=BLOCK_C, **flags)
+        _gn_onchip[(B * G,)](x, y, *ptrs, G, C, HW, CG, stride_c, stride_hw, count, eps, BLOCK_HW=onchip_hw,
+                             BLOCK_C=BLOCK_C, num_warps=_num_warps(onchip_hw * BLOCK_C), **flags)
         return y
     BLOCK_HW = max(1, min(triton.next_power_of_2(HW), 2048 // BLOCK_C))
     S = max(1, min(split, triton.cdiv(HW, BLOCK_HW), 256))
     chunk = triton.cdiv(triton.cdiv(HW, S), BLOCK_HW) * BLOCK_HW
     S = triton.cdiv(HW, chunk)
     part = torch.empty((B * G, S, 2), dtype=torch.float32, device=x.device)
+    num_warps = _num_warps(BLOCK_HW * BLOCK_C)
     _gn_stats[(B * G, S)](x, ptrs[2], part, G, C, HW, CG, stride_c, stride_hw, chunk, S,
-                          HAS_ADD=flags["HAS_ADD"], BLOCK_HW=BLOCK_HW, BLOCK_C=BLOCK_C)
-    _gn_norm[(B * G, S)](x, y, *ptrs, part, G, C, HW, CG, stride_c, stride_hw, chunk, S, eps, BLOCK_HW=BLOCK_HW,
-                         BLOCK_C=BLOCK_C, BLOCK_S=triton.next_power_of_2(S), **flags)
+                          HAS_ADD=flags["HAS_ADD"], BLOCK_HW=BLOCK_HW, BLOCK_C=BLOCK_C, num_warps=num_warps)
+    _gn_norm[(B * G, S)](x, y, *ptrs, part, G, C, HW, CG, stride_c, stride_hw, chunk, S, count, eps, BLOCK_HW=BLOCK_HW,
+                         BLOCK_C=BLOCK_C, BLOCK_S=triton.next_power_of_2(S), num_warps=num_warps, **flags)
     return y
