@@ -1,4 +1,5 @@
 import math
+import os
 
 import pytest
 import torch
@@ -60,7 +61,20 @@ def test_bad_input(q, k, v, exc, match):
 
 
 # ----------------------------------------------------------------- fused kernels
-from conftest import backend_device, layout, needs  # noqa: E402
+from conftest import backend_device, layout, needs, requires_cuda  # noqa: E402
+
+
+def test_cublas_workspace_is_fixed_before_cuda_starts():
+    """The kernel tests run under the poison fixture's deterministic mode, where a CUDA matmul raises
+    unless CUBLAS_WORKSPACE_CONFIG was set before cuBLAS started (tests/conftest.py sets it)."""
+    assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") in (":4096:8", ":16:8")
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_matmul_under_the_poison_fixture(poison):
+    a = torch.randn(64, 64, device="cuda", dtype=torch.float16)
+    assert torch.isfinite(a @ a).all()
 
 TRITON_MARKS = [needs("triton"), pytest.mark.triton]
 CUDA_MARKS = [needs("cuda"), pytest.mark.cuda]
