@@ -12,14 +12,16 @@ TORCH_LIBRARY(ddpm_fast, m) {
   m.def("philox4x32(Tensor counter, Tensor key) -> Tensor");
   // x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; eps from noise or Philox stream 1.  Returns
   // (x_t, eps), eps empty unless return_noise.  table: the schedule's float32 [rows, T] table.
-  m.def("q_sample(Tensor x0, Tensor t, Tensor table, Tensor? noise, int seed, int sample_offset, "
+  // rng: an int64 [2] tensor (seed bits, sample_offset) on x's device that, when given, the kernel
+  // reads in place of seed and sample_offset, so a captured CUDA graph replays with new values.
+  m.def("q_sample(Tensor x0, Tensor t, Tensor table, Tensor? noise, int seed, int sample_offset, Tensor? rng, "
         "bool return_noise, bool channels_last) -> (Tensor, Tensor)");
   // One reverse step (csrc/include/ddpm_fast/step.h); noise from `noise` or Philox stream 0.
   // prediction 0 eps / 1 sample / 2 v; variance 0 fixed_small / 1 fixed_large / 2 learned_range;
   // form 0 posterior / 1 eps (Algorithm 2).
   m.def("p_step(Tensor x_t, Tensor model_output, Tensor t, Tensor table, Tensor? noise, int seed, "
-        "int sample_offset, int prediction, int variance, int form, bool clip_sample, float clip_range, "
-        "bool channels_last) -> Tensor");
+        "int sample_offset, Tensor? rng, int prediction, int variance, int form, bool clip_sample, "
+        "float clip_range, bool channels_last) -> Tensor");
   // y = act(GN(x + add) * (1 + scale) + shift); weight, bias [C] and add, scale, shift [B, C] float32.
   m.def("group_norm(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, Tensor? add, "
         "Tensor? scale, Tensor? shift, bool silu, bool channels_last) -> Tensor");

@@ -9,6 +9,7 @@ from .ops import (
     p_step,
     philox_randn,
     q_sample,
+    rng_tensor,
 )
 from .sampler import DDPMSampler, to_uint8
 from .schedule import NoiseSchedule
@@ -32,5 +33,6 @@ __all__ = [
     "philox_randn",
     "q_sample",
     "reference",
+    "rng_tensor",
     "to_uint8",
 ]

@@ -98,6 +98,21 @@ def noise_source(noise, seed, like: torch.Tensor, shape: Tuple[int, ...]) -> Non
             raise ValueError(f"seed: expected an int in [0, 2**64), got {seed!r}")
 
 
+def rng(value, seed, noise, sample_offset, like: torch.Tensor) -> None:
+    """rng: the (seed, sample_offset) pair as an int64 [2] tensor on the samples' device, in place of
+    the seed and sample_offset arguments."""
+    if value is None:
+        return
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"rng: expected a torch.Tensor, got {type(value).__name__}")
+    if value.dtype != torch.int64 or tuple(value.shape) != (2,):
+        raise ValueError(f"rng: expected an int64 tensor [2] (seed, sample_offset), got {value.dtype} "
+                         f"{list(value.shape)}")
+    same_device(like, "the samples", rng=value)
+    if seed is not None or noise is not None or sample_offset != 0:
+        raise ValueError("rng: holds the seed and the sample offset; pass neither seed, noise nor sample_offset with it")
+
+
 def per_channel(x: Optional[torch.Tensor], name: str, B: int, C: int, like: torch.Tensor) -> None:
     if x is None:
         return

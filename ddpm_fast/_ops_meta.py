@@ -18,15 +18,15 @@ def _layout(channels_last):
 
 
 @torch.library.register_fake("ddpm_fast::q_sample")
-def _q_sample_fake(x0, t, table, noise, seed, sample_offset, return_noise, channels_last):
+def _q_sample_fake(x0, t, table, noise, seed, sample_offset, rng, return_noise, channels_last):
     fmt = _layout(channels_last)
     eps = torch.empty_like(x0, memory_format=fmt) if return_noise else x0.new_empty(0)
     return torch.empty_like(x0, memory_format=fmt), eps
 
 
 @torch.library.register_fake("ddpm_fast::p_step")
-def _p_step_fake(x_t, model_output, t, table, noise, seed, sample_offset, prediction, variance, form, clip_sample,
-                 clip_range, channels_last):
+def _p_step_fake(x_t, model_output, t, table, noise, seed, sample_offset, rng, prediction, variance, form,
+                 clip_sample, clip_range, channels_last):
     return torch.empty_like(x_t, memory_format=_layout(channels_last))
 
 

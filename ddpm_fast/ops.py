@@ -167,10 +167,30 @@ def _like_layout(a: Optional[torch.Tensor], x: torch.Tensor, channels_last: bool
     return a.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def _kernel_seed(seed: Optional[int], noise: Optional[torch.Tensor]) -> int:
-    """The uint64 seed as the int64 the op schemas carry (0 when noise is passed in)."""
-    seed = (draw_seed() if seed is None else seed) if noise is None else 0
+def seed_bits(seed: int) -> int:
+    """A uint64 seed as the int64 with the same bits, the form the op schemas and rng tensors carry."""
     return seed - 2**64 if seed >= 2**63 else seed
+
+
+def _kernel_seed(seed: Optional[int], noise: Optional[torch.Tensor], rng: Optional[torch.Tensor] = None) -> int:
+    """The seed argument of the op schemas: 0 when noise or rng is passed in, else seed (a fresh one
+    when None)."""
+    if noise is not None or rng is not None:
+        return 0
+    return seed_bits(draw_seed() if seed is None else seed)
+
+
+def rng_tensor(seed: int, sample_offset: int = 0, device: Union[str, torch.device, None] = None) -> torch.Tensor:
+    """The ``rng`` argument of q_sample and p_step: (seed, sample_offset) as an int64 [2] tensor."""
+    split_seed(seed)
+    _checks.nonneg_int(sample_offset, "sample_offset")
+    return torch.tensor([seed_bits(seed), sample_offset], dtype=torch.int64, device=device)
+
+
+def _rng_values(rng: torch.Tensor):
+    """(seed, sample_offset) out of an rng tensor, on the host (the reference's path)."""
+    seed, offset = rng.tolist()
+    return seed % 2**64, offset
 
 
 def _contract_noise(noise, seed, like, t_vec, stream, sample_offset):
@@ -192,17 +212,25 @@ def q_sample(
     sample_offset: int = 0,
     return_noise: bool = False,
     backend: str = "auto",
+    *,
+    rng: Optional[torch.Tensor] = None,
 ):
-    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (see ddpm_fast.reference.q_sample)."""
+    """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (see ddpm_fast.reference.q_sample).
+
+    ``rng`` (see ``rng_tensor``) passes the seed and sample offset as a device tensor that the
+    kernel reads when it runs: a captured CUDA graph then replays with whatever it holds."""
     t_vec, sched = check_q_sample(x0, t, schedule, noise, seed, sample_offset)
+    _checks.rng(rng, seed, noise, sample_offset, x0)
     which = pick_backend("q_sample", backend, x0.device, x0.dtype, _needs_grad(x0, noise))
     if which == "reference":
+        if rng is not None:
+            seed, sample_offset = _rng_values(rng)
         noise = _contract_noise(noise, seed, x0, t_vec, STREAM_Q_SAMPLE, sample_offset)
         return q_sample_math(x0, t_vec, sched, noise, None, sample_offset, return_noise)
     x0, channels_last = _layout(x0)
     noise = _like_layout(noise, x0, channels_last)
-    args = (x0, t_vec.contiguous(), sched.to(x0.device).table, noise, _kernel_seed(seed, noise), sample_offset,
-            bool(return_noise), channels_last)
+    args = (x0, t_vec.contiguous(), sched.to(x0.device).table, noise, _kernel_seed(seed, noise, rng), sample_offset,
+            rng, bool(return_noise), channels_last)
     if which == "triton":
         from .triton.q_sample import q_sample as kernel
     else:
@@ -228,11 +256,17 @@ def p_step(
     dynamic_thresholding_ratio: float = 0.995,
     sample_max_value: float = 1.0,
     backend: str = "auto",
+    *,
+    rng: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """x_{t-1} from x_t and the model output (see ddpm_fast.reference.p_step for the math)."""
+    """x_{t-1} from x_t and the model output (see ddpm_fast.reference.p_step for the math).
+
+    ``rng`` (see ``rng_tensor``) passes the seed and sample offset as a device tensor that the
+    kernel reads when it runs: a captured CUDA graph then replays with whatever it holds."""
     args = (noise, seed, sample_offset, prediction, variance, clip_sample, clip_range, form, thresholding,
             dynamic_thresholding_ratio, sample_max_value)
     t_vec, sched = check_p_step(x_t, model_output, t, schedule, *args)
+    _checks.rng(rng, seed, noise, sample_offset, x_t)
     which = pick_backend("p_step", backend, x_t.device, x_t.dtype, _needs_grad(x_t, model_output, noise))
     if thresholding and which != "reference":
         if backend != "auto":
@@ -240,12 +274,15 @@ def p_step(
                                           "and runs on the reference; use backend='auto' or 'reference'")
         which = "reference"
     if which == "reference":
+        if rng is not None:
+            seed, sample_offset = _rng_values(rng)
+            args = (noise, seed, sample_offset, *args[3:])
         noise = _contract_noise(noise, seed, x_t, t_vec, STREAM_STEP, sample_offset)
         return p_step_math(x_t, model_output, t_vec, sched, noise, None, *args[2:])
     x_t, channels_last = _layout(x_t)
     kernel_args = (x_t, _like_layout(model_output, x_t, channels_last), t_vec.contiguous(),
-                   sched.to(x_t.device).table, _like_layout(noise, x_t, channels_last), _kernel_seed(seed, noise),
-                   sample_offset, _checks.PREDICTIONS.index(prediction), _checks.VARIANCES.index(variance),
+                   sched.to(x_t.device).table, _like_layout(noise, x_t, channels_last), _kernel_seed(seed, noise, rng),
+                   sample_offset, rng, _checks.PREDICTIONS.index(prediction), _checks.VARIANCES.index(variance),
                    _checks.FORMS.index(form), bool(clip_sample), float(clip_range), channels_last)
     if which == "triton":
         from .triton.p_step import p_step as kernel

@@ -147,56 +147,71 @@ class DDPMSampler:
             except ImportError:
                 pass
         out = []
+        graphs = {}  # batch size -> captured step, reused by every batch of that size
         for i0 in range(start_index, start_index + num_images, batch_size):
             b = min(batch_size, start_index + num_images - i0)
             x = ops.philox_randn((b, *shape), seed, t=0, stream=STREAM_INIT, sample_offset=i0, device=self.device)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            run = self._run_graphed if self.cuda_graphs else self._run_eager
-            x = run(x, tables, t_model, seed, i0, bar)
+            if self.cuda_graphs:
+                x = self._run_graphed(x, tables, t_model, seed, i0, bar, graphs)
+            else:
+                x = self._run_eager(x, tables, t_model, seed, i0, bar)
             out.append(x.float().cpu())
         if bar is not None:
             bar.close()
         images = torch.cat(out)
         return images.clamp(-1, 1) if self.options["clip_sample"] else images
 
-    def _step(self, x, tables, k, t_vec_model, t_idx, seed, i0):
+    def _step(self, x, tables, k, t_vec_model, t_idx, key):
         eps = self._eps(x, t_vec_model)
         if k is not None:
             self._check_output(eps, x)
-        return ops.p_step(x, eps, t_idx, tables, seed=seed, sample_offset=i0, backend=self.backend, **self.options)
+        return ops.p_step(x, eps, t_idx, tables, backend=self.backend, **key, **self.options)
 
     def _run_eager(self, x, tables, t_model, seed, i0, bar):
         b = x.shape[0]
         for k in range(len(t_model) - 1, -1, -1):
-            x = self._step(x, tables, k, t_model[k].expand(b), k, seed, i0)
+            x = self._step(x, tables, k, t_model[k].expand(b), k, dict(seed=seed, sample_offset=i0))
             if bar is not None:
                 bar.update(b)
         return x
 
-    def _run_graphed(self, x, tables, t_model, seed, i0, bar):
-        # Static buffers: the sample, the model's timestep and the schedule index, refreshed by
-        # device-side copies before each replay.
+    def _capture(self, x, tables, t_model) -> dict:
+        """One step as a CUDA graph over static buffers: the sample, the model's timestep, the
+        schedule index and the Philox (seed, sample offset), all refreshed on the device before
+        each replay, so one capture serves every batch of this size."""
         b = x.shape[0]
-        x_static = x.clone()
-        t_model_static = t_model[-1:].expand(b).clone()
-        t_idx_static = torch.full((b,), len(t_model) - 1, dtype=torch.long, device=self.device)
-        idx_table = torch.arange(len(t_model), dtype=torch.long, device=self.device)
-        self._check_output(self._eps(x_static, t_model_static), x_static)
+        g = dict(x=x.clone(), t_model=t_model[-1:].expand(b).clone(),
+                 t_idx=torch.full((b,), len(t_model) - 1, dtype=torch.long, device=self.device),
+                 rng=torch.zeros(2, dtype=torch.long, device=self.device), graph=torch.cuda.CUDAGraph())
+        key = dict(rng=g["rng"])
+        self._check_output(self._eps(g["x"], g["t_model"]), g["x"])
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # warm-up outside the graph (allocator, autotuning, lazy init)
             for _ in range(2):
-                self._step(x_static, tables, None, t_model_static, t_idx_static, seed, i0)
+                self._step(g["x"], tables, None, g["t_model"], g["t_idx"], key)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y_static = self._step(x_static, tables, None, t_model_static, t_idx_static, seed, i0)
+        with torch.cuda.graph(g["graph"]):
+            g["y"] = self._step(g["x"], tables, None, g["t_model"], g["t_idx"], key)
+        return g
+
+    def _run_graphed(self, x, tables, t_model, seed, i0, bar, graphs):
+        b = x.shape[0]
+        if b not in graphs:
+            graphs[b] = self._capture(x, tables, t_model)
+        g = graphs[b]
+        g["x"].copy_(x)
+        # fill_ with a host scalar is a kernel argument: no host-to-device copy, no sync.
+        g["rng"][0].fill_(ops.seed_bits(seed))
+        g["rng"][1].fill_(i0)
+        idx_table = torch.arange(len(t_model), dtype=torch.long, device=self.device)
         for k in range(len(t_model) - 1, -1, -1):
-            t_model_static.copy_(t_model[k].expand(b))
-            t_idx_static.copy_(idx_table[k].expand(b))
-            graph.replay()
-            x_static.copy_(y_static)
+            g["t_model"].copy_(t_model[k].expand(b))
+            g["t_idx"].copy_(idx_table[k].expand(b))
+            g["graph"].replay()
+            g["x"].copy_(g["y"])
             if bar is not None:
                 bar.update(b)
-        return x_static
+        return g["x"].clone()

@@ -18,10 +18,10 @@ def test_plans_cover_every_constexpr_combination():
     plans = gate.all_plans()
     p_step = {(p.args["dtype"], p.args["layout"], p.args["noise"], p.args["prediction"], p.args["variance"],
                p.args["form"], p.args["clip"]) for p in plans if p.op == "p_step"}
-    assert len(p_step) == 3 * 2 * 2 * 3 * 3 * 2 * 2
+    assert len(p_step) == 3 * 2 * 3 * 3 * 3 * 2 * 2
     q_sample = {(p.args["dtype"], p.args["layout"], p.args["noise"], p.args["return_noise"])
                 for p in plans if p.op == "q_sample"}
-    assert len(q_sample) == 3 * 2 * 2 * 2
+    assert len(q_sample) == 3 * 2 * 3 * 2
     gn = [p.args for p in plans if p.op == "group_norm"]
     for flag in ("weight", "bias", "add", "scale", "shift", "silu"):
         for dtype in gate.DTYPES:

@@ -270,6 +270,24 @@ def test_kernel_passed_noise(backend, gen, poison):
     assert rel_err(y, ref) < 1e-5
 
 
+@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+@pytest.mark.parametrize("fmt,variance", [("contiguous", "fixed_small"), ("channels_last", "learned_range")])
+def test_rng_tensor_is_the_seed_and_offset(backend, fmt, variance, gen, poison):
+    """rng = (seed, sample_offset) on the device: the same draws as the ints, read at run time."""
+    dev = backend_device(backend) if backend != "reference" else "cpu"
+    s = df.NoiseSchedule.linear(1000)
+    C = 3
+    x = layout(torch.randn(4, C, 5, 6, generator=gen).to(dev), fmt)
+    out = layout(torch.randn(4, 2 * C if variance == "learned_range" else C, 5, 6, generator=gen).to(dev), fmt)
+    t = torch.randint(1, 1000, (4,), generator=gen).to(dev)
+    rng = df.rng_tensor(2**64 - 5, 9, dev)
+    kw = dict(variance=variance, backend=backend)
+    want = df.p_step(x, out, t, s, seed=2**64 - 5, sample_offset=9, **kw)
+    assert torch.equal(df.p_step(x, out, t, s, rng=rng, **kw), want)
+    rng[1].fill_(0)
+    assert torch.equal(df.p_step(x, out, t, s, rng=rng, **kw), df.p_step(x, out, t, s, seed=2**64 - 5, **kw))
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_kernel_batch_invariance(backend, gen):
     dev = backend_device(backend)
@@ -324,8 +342,12 @@ def test_kernel_opcheck_and_compile():
     x, out = torch.randn(2, 3, 4, 4), torch.randn(2, 6, 4, 4)
     t = torch.tensor([0, 9])
     torch.library.opcheck(torch.ops.ddpm_fast.p_step.default,
-                          (x, out, t, table, None, 5, 0, 0, 2, 0, True, 1.0, False))
-    torch.library.opcheck(torch.ops.ddpm_fast.q_sample.default, (x, t, table, None, 5, 0, True, False))
+                          (x, out, t, table, None, 5, 0, None, 0, 2, 0, True, 1.0, False))
+    torch.library.opcheck(torch.ops.ddpm_fast.p_step.default,
+                          (x, out, t, table, None, 0, 0, df.rng_tensor(5, 3), 0, 2, 0, True, 1.0, False))
+    torch.library.opcheck(torch.ops.ddpm_fast.q_sample.default, (x, t, table, None, 5, 0, None, True, False))
+    torch.library.opcheck(torch.ops.ddpm_fast.q_sample.default, (x, t, table, None, 0, 0, df.rng_tensor(5, 3), True,
+                                                                 False))
 
     def step(x, out, t):
         return df.p_step(x, out, t, s, seed=5, variance="learned_range", backend="cpu")

@@ -55,7 +55,7 @@ def test_bad_input(kw, exc, match):
 
 
 # ----------------------------------------------------------------- fused kernels
-from conftest import KERNEL_BACKENDS, backend_device, layout, store_slack  # noqa: E402
+from conftest import KERNEL_BACKENDS, backend_device, layout, requires_cuda, store_slack  # noqa: E402
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -97,3 +97,66 @@ def test_kernel_passed_noise_and_batch_invariance(backend, gen, poison):
     parts = torch.cat([df.q_sample(x0[:2], t[:2], s, seed=8, backend=backend),
                        df.q_sample(x0[2:], t[2:], s, seed=8, sample_offset=2, backend=backend)])
     assert torch.equal(whole, parts)
+
+
+ALL_BACKENDS = ["reference", *KERNEL_BACKENDS]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_rng_tensor_is_the_seed_and_offset(backend, fmt, gen, poison):
+    """rng = (seed, sample_offset) on the device draws exactly what the int arguments draw; the
+    values are read when the kernel runs (what lets the sampler replay one CUDA graph per batch)."""
+    dev = backend_device(backend) if backend != "reference" else "cpu"
+    s = df.NoiseSchedule.linear(1000)
+    x0 = layout(torch.randn(3, 3, 5, 7, generator=gen).to(dev), fmt)
+    t = torch.randint(0, 1000, (3,), generator=gen).to(dev)
+    seed = 2**63 + int(torch.randint(0, 2**62, (), generator=gen))  # the int64 sign bit set
+    rng = df.rng_tensor(seed, 11, dev)
+    want = df.q_sample(x0, t, s, seed=seed, sample_offset=11, return_noise=True, backend=backend)
+    got = df.q_sample(x0, t, s, rng=rng, return_noise=True, backend=backend)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    rng[1].fill_(12)  # in place, as the sampler updates it
+    assert torch.equal(df.q_sample(x0, t, s, rng=rng, backend=backend),
+                       df.q_sample(x0, t, s, seed=seed, sample_offset=12, backend=backend))
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(rng=torch.tensor([1, 2, 3])), ValueError, r"rng: expected an int64 tensor \[2\]"),
+    (dict(rng=torch.tensor([1.0, 2.0])), ValueError, "rng: expected an int64"),
+    (dict(rng=torch.tensor([1, 2]), seed=3), ValueError, "pass neither seed"),
+    (dict(rng=torch.tensor([1, 2]), sample_offset=3), ValueError, "pass neither seed"),
+    (dict(rng=[1, 2]), TypeError, "rng"),
+])
+def test_rng_bad_input(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        df.q_sample(torch.randn(2, 3, 4, 4), 5, df.NoiseSchedule.linear(10), **kw)
+    with pytest.raises(ValueError, match="seed"):
+        df.rng_tensor(2**64)
+
+
+def test_extension_refuses_dtypes_it_has_no_kernel_for():
+    """A direct torch.ops call with float64 raises naming the argument (it wrote nothing on CUDA)."""
+    if df.available_backends()["cpu"] is not True:
+        pytest.skip(f"cpu: {df.available_backends()['cpu']}")
+    table = df.NoiseSchedule.linear(10).to("cpu").table
+    x, t = torch.randn(2, 3, 4, 4, dtype=torch.float64), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="x0: expected float32, float16 or bfloat16, got Double"):
+        torch.ops.ddpm_fast.q_sample(x, t, table, None, 1, 0, None, False, False)
+    with pytest.raises(RuntimeError, match="x_t: expected float32, float16 or bfloat16, got Double"):
+        torch.ops.ddpm_fast.p_step(x, x, t, table, None, 1, 0, None, 0, 0, 0, True, 1.0, False)
+    with pytest.raises(RuntimeError, match="x: expected float32, float16 or bfloat16, got Double"):
+        torch.ops.ddpm_fast.group_norm(x, 3, None, None, 1e-5, None, None, None, False, False)
+    with pytest.raises(RuntimeError, match=r"rng: expected a contiguous int64 tensor \[2\]"):
+        torch.ops.ddpm_fast.q_sample(x.float(), t, table, None, 0, 0, torch.zeros(3, dtype=torch.long), False, False)
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_ops_refuse_float64():
+    table = df.NoiseSchedule.linear(10).to("cuda").table
+    x, t = torch.randn(2, 3, 4, 4, dtype=torch.float64, device="cuda"), torch.zeros(2, dtype=torch.long, device="cuda")
+    with pytest.raises(RuntimeError, match="x0: expected float32"):
+        torch.ops.ddpm_fast.q_sample(x, t, table, None, 1, 0, None, False, False)
+    with pytest.raises(RuntimeError, match="x_t: expected float32"):
+        torch.ops.ddpm_fast.p_step(x, x, t, table, None, 1, 0, None, 0, 0, 0, True, 1.0, False)

@@ -34,11 +34,23 @@ struct Geometry {
   int64_t offset(int64_t j) const { return channels_last ? (j % HW) * C + j / HW : j; }
 };
 
-Geometry geometry(const at::Tensor& x, bool channels_last) {
-  check_layout(x, channels_last, "x");
+Geometry geometry(const at::Tensor& x, bool channels_last, const char* name) {
+  check_layout(x, channels_last, name);
+  check_kernel_dtype(x, name);
   Geometry g{x.size(0), x.size(0) ? x.numel() / x.size(0) : 0, x.size(1), 0, channels_last};
   g.HW = g.C ? g.N / g.C : 0;
   return g;
+}
+
+// The Philox seed and first sample index: rng's values when given (on the CPU, read here).
+struct Key {
+  uint64_t seed;
+  int64_t sample_offset;
+};
+
+Key philox_key(int64_t seed, int64_t sample_offset, const std::optional<at::Tensor>& rng, const at::Tensor& x) {
+  const int64_t* r = rng_ptr(rng, x);
+  return r ? Key{static_cast<uint64_t>(r[0]), r[1]} : Key{static_cast<uint64_t>(seed), sample_offset};
 }
 
 // Calls body(b, j_begin, j_end) for every chunk, in parallel.
@@ -180,9 +192,10 @@ void q_sample_kernel(const Geometry& g, const scalar_t* x0, const scalar_t* nois
 
 at::Tensor p_step_cpu(const at::Tensor& x_t, const at::Tensor& model_output, const at::Tensor& t,
                       const at::Tensor& table, const std::optional<at::Tensor>& noise, int64_t seed,
-                      int64_t sample_offset, int64_t prediction, int64_t variance, int64_t form, bool clip_sample,
-                      double clip_range, bool channels_last) {
-  const Geometry g = geometry(x_t, channels_last);
+                      int64_t sample_offset, const std::optional<at::Tensor>& rng, int64_t prediction,
+                      int64_t variance, int64_t form, bool clip_sample, double clip_range, bool channels_last) {
+  const Geometry g = geometry(x_t, channels_last, "x_t");
+  const Key key = philox_key(seed, sample_offset, rng, x_t);
   check_schedule(t, table, x_t);
   check_model_output(model_output, x_t, variance, channels_last);
   if (noise) check_like(*noise, x_t, channels_last, "noise");
@@ -190,29 +203,31 @@ at::Tensor p_step_cpu(const at::Tensor& x_t, const at::Tensor& model_output, con
   if (x_t.numel() == 0) return y;
   const StepOptions opt{static_cast<int>(prediction), static_cast<int>(variance), static_cast<int>(form), clip_sample,
                         static_cast<float>(clip_range)};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "p_step_cpu", [&] {
+  DDPM_FAST_DISPATCH_KERNEL_TYPES(x_t.scalar_type(), "p_step_cpu", [&] {
     p_step_kernel<scalar_t>(g, x_t.data_ptr<scalar_t>(), model_output.data_ptr<scalar_t>(),
                             noise ? noise->data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(),
-                            t.data_ptr<int64_t>(), table.data_ptr<float>(), table.size(1),
-                            static_cast<uint64_t>(seed), sample_offset, opt);
+                            t.data_ptr<int64_t>(), table.data_ptr<float>(), table.size(1), key.seed,
+                            key.sample_offset, opt);
   });
   return y;
 }
 
 std::tuple<at::Tensor, at::Tensor> q_sample_cpu(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& table,
                                                 const std::optional<at::Tensor>& noise, int64_t seed,
-                                                int64_t sample_offset, bool return_noise, bool channels_last) {
-  const Geometry g = geometry(x0, channels_last);
+                                                int64_t sample_offset, const std::optional<at::Tensor>& rng,
+                                                bool return_noise, bool channels_last) {
+  const Geometry g = geometry(x0, channels_last, "x0");
+  const Key key = philox_key(seed, sample_offset, rng, x0);
   check_schedule(t, table, x0);
   if (noise) check_like(*noise, x0, channels_last, "noise");
   at::Tensor y = at::empty_like(x0, format_of(channels_last));
   at::Tensor eps = return_noise ? at::empty_like(x0, format_of(channels_last)) : at::empty({0}, x0.options());
   if (x0.numel() == 0) return {y, eps};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "q_sample_cpu", [&] {
+  DDPM_FAST_DISPATCH_KERNEL_TYPES(x0.scalar_type(), "q_sample_cpu", [&] {
     q_sample_kernel<scalar_t>(g, x0.data_ptr<scalar_t>(), noise ? noise->data_ptr<scalar_t>() : nullptr,
                               y.data_ptr<scalar_t>(), return_noise ? eps.data_ptr<scalar_t>() : nullptr,
-                              t.data_ptr<int64_t>(), table.data_ptr<float>(), table.size(1),
-                              static_cast<uint64_t>(seed), sample_offset);
+                              t.data_ptr<int64_t>(), table.data_ptr<float>(), table.size(1), key.seed,
+                              key.sample_offset);
   });
   return {y, eps};
 }

@@ -235,7 +235,7 @@ at::Tensor group_norm_cpu(const at::Tensor& x, int64_t num_groups, const std::op
       group_norm_params(x, num_groups, weight, bias, eps, add, scale, shift, silu, channels_last);
   at::Tensor y = at::empty_like(x, format_of(channels_last));
   if (x.numel() == 0) return y;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_cpu", [&] {
+  DDPM_FAST_DISPATCH_KERNEL_TYPES(x.scalar_type(), "group_norm_cpu", [&] {
     if (channels_last) {
       group_norm_channels_last<scalar_t>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), a);
     } else {

@@ -7,7 +7,9 @@
 //   and the pointers are 16-byte aligned, scalar loads otherwise (tails, odd sizes).
 // channels_last: one thread per element in memory order (coalesced); each element runs its own
 //   Philox call and keeps the lane it needs (4x the RNG work, still far under the memory time).
-// Grid-stride loops, 256 threads per block.
+// Grid-stride loops, 256 threads per block.  The Philox seed and sample offset come from the int
+// arguments, or from an int64 [2] device tensor (rng) read at run time, so one captured CUDA graph
+// serves every batch of a run.
 // Bytes: p_step 3 * N * sizeof(T) (+N for learned_range's v, +N when noise is passed in);
 // q_sample 2 * N * sizeof(T) (+N when eps is returned).  ~15 FLOPs + 1/4 Philox per element.
 #include <ATen/Dispatch.h>
@@ -47,13 +49,26 @@ struct Launch {
   int64_t T;
   uint64_t seed;
   int64_t sample_offset;
+  const int64_t* rng;  // (seed, sample_offset) in device memory, read in place of the two above when set
 };
+
+// The Philox seed and first sample index of this launch.  Read from device memory when rng is
+// set, so a captured CUDA graph replays with the values of the moment.
+struct Key {
+  uint64_t seed;
+  int64_t sample_offset;
+};
+
+__device__ __forceinline__ Key philox_key(const Launch& L) {
+  return L.rng ? Key{static_cast<uint64_t>(L.rng[0]), L.rng[1]} : Key{L.seed, L.sample_offset};
+}
 
 // ------------------------------------------------------------------------- p_step
 template <typename scalar_t, bool kVector>
 __global__ void p_step_contiguous(const scalar_t* __restrict__ x, const scalar_t* __restrict__ out,
                                   const scalar_t* __restrict__ noise, scalar_t* __restrict__ y, Launch L,
                                   StepOptions opt) {
+  const Key key = philox_key(L);
   using P = Pack<scalar_t>;
   constexpr int E = P::kElems;
   const bool learned = opt.variance == kLearnedRange;
@@ -83,7 +98,7 @@ __global__ void p_step_contiguous(const scalar_t* __restrict__ x, const scalar_t
     for (int g = 0; g < E / 4; ++g) {
       Normal4 z{0.f, 0.f, 0.f, 0.f};
       if (!noise && k.noisy) {
-        z = normal4(L.seed, static_cast<uint32_t>((j0 + 4 * g) / 4), static_cast<uint32_t>(b + L.sample_offset),
+        z = normal4(key.seed, static_cast<uint32_t>((j0 + 4 * g) / 4), static_cast<uint32_t>(b + key.sample_offset),
                     static_cast<uint32_t>(clamp_t(L.t[b], L.T)), kStreamStep);
       }
 #pragma unroll
@@ -108,6 +123,7 @@ template <typename scalar_t>
 __global__ void p_step_channels_last(const scalar_t* __restrict__ x, const scalar_t* __restrict__ out,
                                      const scalar_t* __restrict__ noise, scalar_t* __restrict__ y, Launch L,
                                      StepOptions opt) {
+  const Key key = philox_key(L);
   const bool learned = opt.variance == kLearnedRange;
   for (int64_t m = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; m < L.B * L.N;
        m += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -118,7 +134,7 @@ __global__ void p_step_channels_last(const scalar_t* __restrict__ x, const scala
     if (noise) {
       z = static_cast<float>(noise[m]);
     } else if (k.noisy) {
-      z = normal4(L.seed, static_cast<uint32_t>(j / 4), static_cast<uint32_t>(b + L.sample_offset),
+      z = normal4(key.seed, static_cast<uint32_t>(j / 4), static_cast<uint32_t>(b + key.sample_offset),
                   static_cast<uint32_t>(clamp_t(L.t[b], L.T)), kStreamStep)[static_cast<int>(j % 4)];
     }
     const float v = learned ? static_cast<float>(out[mo + L.C]) : 0.f;
@@ -130,6 +146,7 @@ __global__ void p_step_channels_last(const scalar_t* __restrict__ x, const scala
 template <typename scalar_t, bool kVector>
 __global__ void q_sample_contiguous(const scalar_t* __restrict__ x0, const scalar_t* __restrict__ noise,
                                     scalar_t* __restrict__ y, scalar_t* __restrict__ eps_out, Launch L) {
+  const Key key = philox_key(L);
   using P = Pack<scalar_t>;
   constexpr int E = P::kElems;
   const int64_t per_sample = (L.N + E - 1) / E;
@@ -154,7 +171,7 @@ __global__ void q_sample_contiguous(const scalar_t* __restrict__ x0, const scala
     for (int g = 0; g < E / 4; ++g) {
       Normal4 z{0.f, 0.f, 0.f, 0.f};
       if (!noise) {
-        z = normal4(L.seed, static_cast<uint32_t>((j0 + 4 * g) / 4), static_cast<uint32_t>(b + L.sample_offset),
+        z = normal4(key.seed, static_cast<uint32_t>((j0 + 4 * g) / 4), static_cast<uint32_t>(b + key.sample_offset),
                     static_cast<uint32_t>(tb), kStreamQSample);
       }
 #pragma unroll
@@ -183,12 +200,13 @@ __global__ void q_sample_contiguous(const scalar_t* __restrict__ x0, const scala
 template <typename scalar_t>
 __global__ void q_sample_channels_last(const scalar_t* __restrict__ x0, const scalar_t* __restrict__ noise,
                                        scalar_t* __restrict__ y, scalar_t* __restrict__ eps_out, Launch L) {
+  const Key key = philox_key(L);
   for (int64_t m = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; m < L.B * L.N;
        m += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t b = m / L.N, r = m % L.N, hw = r / L.C, c = r % L.C, j = c * L.HW + hw;
     const int64_t tb = clamp_t(L.t[b], L.T);
     const float e = noise ? static_cast<float>(noise[m])
-                          : normal4(L.seed, static_cast<uint32_t>(j / 4), static_cast<uint32_t>(b + L.sample_offset),
+                          : normal4(key.seed, static_cast<uint32_t>(j / 4), static_cast<uint32_t>(b + key.sample_offset),
                                     static_cast<uint32_t>(tb), kStreamQSample)[static_cast<int>(j % 4)];
     y[m] = static_cast<scalar_t>(q_sample_element(static_cast<float>(x0[m]), e, L.table[kSqrtAlphasCumprod * L.T + tb],
                                                   L.table[kSqrtOneMinusAlphasCumprod * L.T + tb]));
@@ -197,9 +215,10 @@ __global__ void q_sample_channels_last(const scalar_t* __restrict__ x0, const sc
 }
 
 // ------------------------------------------------------------------------ launchers
-Launch make_launch(const at::Tensor& x, const at::Tensor& t, const at::Tensor& table, int64_t seed,
-                   int64_t sample_offset, bool channels_last) {
-  check_layout(x, channels_last, "x");
+Launch make_launch(const at::Tensor& x, const char* name, const at::Tensor& t, const at::Tensor& table, int64_t seed,
+                   int64_t sample_offset, const std::optional<at::Tensor>& rng, bool channels_last) {
+  check_layout(x, channels_last, name);
+  check_kernel_dtype(x, name);
   check_schedule(t, table, x);
   Launch L;
   L.B = x.size(0);
@@ -211,15 +230,16 @@ Launch make_launch(const at::Tensor& x, const at::Tensor& t, const at::Tensor& t
   L.T = table.size(1);
   L.seed = static_cast<uint64_t>(seed);
   L.sample_offset = sample_offset;
+  L.rng = rng_ptr(rng, x);
   return L;
 }
 
 at::Tensor p_step_cuda(const at::Tensor& x_t, const at::Tensor& model_output, const at::Tensor& t,
                        const at::Tensor& table, const std::optional<at::Tensor>& noise, int64_t seed,
-                       int64_t sample_offset, int64_t prediction, int64_t variance, int64_t form, bool clip_sample,
-                       double clip_range, bool channels_last) {
+                       int64_t sample_offset, const std::optional<at::Tensor>& rng, int64_t prediction,
+                       int64_t variance, int64_t form, bool clip_sample, double clip_range, bool channels_last) {
   const c10::cuda::CUDAGuard guard(x_t.device());
-  const Launch L = make_launch(x_t, t, table, seed, sample_offset, channels_last);
+  const Launch L = make_launch(x_t, "x_t", t, table, seed, sample_offset, rng, channels_last);
   check_model_output(model_output, x_t, variance, channels_last);
   if (noise) check_like(*noise, x_t, channels_last, "noise");
   at::Tensor y = at::empty_like(x_t, format_of(channels_last));
@@ -227,7 +247,7 @@ at::Tensor p_step_cuda(const at::Tensor& x_t, const at::Tensor& model_output, co
   const StepOptions opt{static_cast<int>(prediction), static_cast<int>(variance), static_cast<int>(form), clip_sample,
                         static_cast<float>(clip_range)};
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_t.scalar_type(), "p_step_cuda", [&] {
+  DDPM_FAST_DISPATCH_KERNEL_TYPES(x_t.scalar_type(), "p_step_cuda", [&] {
     const scalar_t* xp = x_t.data_ptr<scalar_t>();
     const scalar_t* op = model_output.data_ptr<scalar_t>();
     const scalar_t* np = noise ? noise->data_ptr<scalar_t>() : nullptr;
@@ -251,15 +271,16 @@ at::Tensor p_step_cuda(const at::Tensor& x_t, const at::Tensor& model_output, co
 
 std::tuple<at::Tensor, at::Tensor> q_sample_cuda(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& table,
                                                  const std::optional<at::Tensor>& noise, int64_t seed,
-                                                 int64_t sample_offset, bool return_noise, bool channels_last) {
+                                                 int64_t sample_offset, const std::optional<at::Tensor>& rng,
+                                                 bool return_noise, bool channels_last) {
   const c10::cuda::CUDAGuard guard(x0.device());
-  const Launch L = make_launch(x0, t, table, seed, sample_offset, channels_last);
+  const Launch L = make_launch(x0, "x0", t, table, seed, sample_offset, rng, channels_last);
   if (noise) check_like(*noise, x0, channels_last, "noise");
   at::Tensor y = at::empty_like(x0, format_of(channels_last));
   at::Tensor eps = return_noise ? at::empty_like(x0, format_of(channels_last)) : at::empty({0}, x0.options());
   if (x0.numel() == 0) return {y, eps};
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x0.scalar_type(), "q_sample_cuda", [&] {
+  DDPM_FAST_DISPATCH_KERNEL_TYPES(x0.scalar_type(), "q_sample_cuda", [&] {
     const scalar_t* xp = x0.data_ptr<scalar_t>();
     const scalar_t* np = noise ? noise->data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.data_ptr<scalar_t>();

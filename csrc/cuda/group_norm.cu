@@ -155,7 +155,7 @@ at::Tensor group_norm_cuda(const at::Tensor& x, int64_t num_groups, const std::o
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.device().index()));
   const int64_t groups = B * p.G;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_cuda", [&] {
+  DDPM_FAST_DISPATCH_KERNEL_TYPES(x.scalar_type(), "group_norm_cuda", [&] {
     if (p.n <= static_cast<int64_t>(kThreads) * kCache && groups >= 2 * sms) {
       gn_onchip<scalar_t><<<static_cast<unsigned>(groups), kThreads, 0, stream>>>(x.data_ptr<scalar_t>(),
                                                                                   y.data_ptr<scalar_t>(), p);

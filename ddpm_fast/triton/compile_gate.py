@@ -67,8 +67,9 @@ def _elementwise_plans() -> Iterator[Plan]:
                                                                stream=2, sample_offset=7))
         yield Plan("philox_randn", f"{dtype} seed=1 stream=1 offset=1 t=1",
                    dict(dtype=dtype, shape=(2, 3, 8, 8), seed=1, stream=1, sample_offset=1, t=1))
-        # Every constexpr combination at the common 16-divisible shape ...
-        for layout, noise in itertools.product(("nchw", "channels_last"), (False, True)):
+        # Every constexpr combination at the common 16-divisible shape (noise: passed in, drawn from
+        # the int seed, or drawn from an rng tensor) ...
+        for layout, noise in itertools.product(("nchw", "channels_last"), ("tensor", "seed", "rng")):
             for ret in (False, True):
                 yield Plan("q_sample", f"{dtype} {layout} noise={noise} return_noise={ret}",
                            dict(dtype=dtype, shape=shapes["b4x3x32x32"], layout=layout, noise=noise, return_noise=ret))
@@ -79,7 +80,7 @@ def _elementwise_plans() -> Iterator[Plan]:
         # ... and the specialising shapes and scalars with every layout, noise source and variance
         # (the constexprs that change the index math).
         for name, layout, noise in itertools.product(("b2x4x1x1", "b1x1x1x1", "b3x5x7x9"), ("nchw", "channels_last"),
-                                                      (False, True)):
+                                                      ("tensor", "seed")):
             yield Plan("q_sample", f"{dtype} {name} {layout} noise={noise}",
                        dict(dtype=dtype, shape=shapes[name], layout=layout, noise=noise, return_noise=True, seed=1,
                             sample_offset=1, T=1))
@@ -180,18 +181,20 @@ def _run_plan(plan: Plan) -> None:
         philox_randn(t + a.get("t", 0), shape[1:], seed, a["stream"], offset, dtype)
         return
     x = torch.empty(shape, dtype=dtype).contiguous(memory_format=fmt)
-    noise = torch.empty_like(x) if a["noise"] else None
-    seed = 0 if a["noise"] else seed
+    noise = torch.empty_like(x) if a["noise"] == "tensor" else None
+    rng = torch.tensor([seed, offset]) if a["noise"] == "rng" else None
+    if a["noise"] != "seed":
+        seed, offset = 0, 0  # as ddpm_fast.ops passes them with noise or rng
     if plan.op == "q_sample":
         from .q_sample import q_sample
 
-        q_sample(x, t, table, noise, seed, offset, a["return_noise"], fmt == torch.channels_last)
+        q_sample(x, t, table, noise, seed, offset, rng, a["return_noise"], fmt == torch.channels_last)
         return
     from .p_step import p_step
 
     out_shape = (B, 2 * shape[1], *shape[2:]) if a["variance"] == 2 else shape
     out = torch.empty(out_shape, dtype=dtype).contiguous(memory_format=fmt)
-    p_step(x, out, t, table, noise, seed, offset, a["prediction"], a["variance"], a["form"], a["clip"], 1.0,
+    p_step(x, out, t, table, noise, seed, offset, rng, a["prediction"], a["variance"], a["form"], a["clip"], 1.0,
            fmt == torch.channels_last)
 
 

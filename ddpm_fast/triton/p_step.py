@@ -41,15 +41,25 @@ def tile_offsets(group, N, C, HW, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
+def philox_key(seed, sample_offset, rng_ptr, HAS_RNG: tl.constexpr):
+    """The seed and first sample index: rng's (seed, sample_offset) in device memory when given, read
+    at run time so a captured CUDA graph replays with the values of the moment."""
+    if HAS_RNG:
+        return tl.load(rng_ptr), tl.load(rng_ptr + 1)
+    return seed, sample_offset
+
+
+@triton.jit
 def normal_tile(seed, group, sample, t, stream):
     n0, n1, n2, n3 = normal4(seed, group, sample, t, stream)
     return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (n0.shape[0], 4))
 
 
 @triton.jit
-def _p_step_kernel(x_ptr, out_ptr, noise_ptr, y_ptr, t_ptr, table_ptr, T, seed, sample_offset, N, C, HW,
+def _p_step_kernel(x_ptr, out_ptr, noise_ptr, y_ptr, t_ptr, table_ptr, T, seed, sample_offset, rng_ptr, N, C, HW,
                    clip_range, PREDICTION: tl.constexpr, VARIANCE: tl.constexpr, FORM: tl.constexpr,
-                   CLIP: tl.constexpr, HAS_NOISE: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+                   CLIP: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_RNG: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                   BLOCK: tl.constexpr):
     b = tl.program_id(1)
     group = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     t = tl.minimum(tl.maximum(tl.load(t_ptr + b), 0), T - 1)
@@ -102,7 +112,8 @@ def _p_step_kernel(x_ptr, out_ptr, noise_ptr, y_ptr, t_ptr, table_ptr, T, seed, 
     if HAS_NOISE:
         z = tl.load(noise_ptr + base + m, mask=mask, other=0.0).to(tl.float32)
     else:
-        z = normal_tile(seed, group, b + sample_offset, t, 0)
+        key, first = philox_key(seed, sample_offset, rng_ptr, HAS_RNG)
+        z = normal_tile(key, group, b + first, t, 0)
     y = mean + tl.where(t > 0, sigma, 0.0) * z
     tl.store(y_ptr + base + m, y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -111,7 +122,7 @@ BLOCK = 256
 
 
 def p_step(x_t: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor, table: torch.Tensor, noise, seed: int,
-           sample_offset: int, prediction: int, variance: int, form: int, clip_sample: bool, clip_range: float,
+           sample_offset: int, rng, prediction: int, variance: int, form: int, clip_sample: bool, clip_range: float,
            channels_last: bool) -> torch.Tensor:
     """Launcher: arguments already validated and laid out by ddpm_fast.ops (same order as the C++ op)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -123,6 +134,7 @@ def p_step(x_t: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor, table
     C = x_t.shape[1]
     grid = (triton.cdiv(triton.cdiv(N, 4), BLOCK), B)
     _p_step_kernel[grid](x_t, model_output, noise if noise is not None else x_t, y, t, table, table.shape[1], seed,
-                         sample_offset, N, C, N // C, clip_range, PREDICTION=prediction, VARIANCE=variance, FORM=form,
-                         CLIP=bool(clip_sample), HAS_NOISE=noise is not None, CHANNELS_LAST=channels_last, BLOCK=BLOCK)
+                         sample_offset, rng if rng is not None else t, N, C, N // C, clip_range, PREDICTION=prediction,
+                         VARIANCE=variance, FORM=form, CLIP=bool(clip_sample), HAS_NOISE=noise is not None,
+                         HAS_RNG=rng is not None, CHANNELS_LAST=channels_last, BLOCK=BLOCK)
     return y

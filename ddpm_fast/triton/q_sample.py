@@ -11,13 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .p_step import BLOCK, ROW_SQRT_1M_ABAR, ROW_SQRT_ABAR, normal_tile, tile_offsets
+from .p_step import BLOCK, ROW_SQRT_1M_ABAR, ROW_SQRT_ABAR, normal_tile, philox_key, tile_offsets
 
 
 @triton.jit
-def _q_sample_kernel(x_ptr, noise_ptr, y_ptr, eps_ptr, t_ptr, table_ptr, T, seed, sample_offset, N, C, HW,
-                     HAS_NOISE: tl.constexpr, WRITE_EPS: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                     BLOCK: tl.constexpr):
+def _q_sample_kernel(x_ptr, noise_ptr, y_ptr, eps_ptr, t_ptr, table_ptr, T, seed, sample_offset, rng_ptr, N, C, HW,
+                     HAS_NOISE: tl.constexpr, HAS_RNG: tl.constexpr, WRITE_EPS: tl.constexpr,
+                     CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(1)
     group = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     t = tl.minimum(tl.maximum(tl.load(t_ptr + b), 0), T - 1)
@@ -27,14 +27,15 @@ def _q_sample_kernel(x_ptr, noise_ptr, y_ptr, eps_ptr, t_ptr, table_ptr, T, seed
     if HAS_NOISE:
         e = tl.load(noise_ptr + base + m, mask=mask, other=0.0).to(tl.float32)
     else:
-        e = normal_tile(seed, group, b + sample_offset, t, 1)
+        key, first = philox_key(seed, sample_offset, rng_ptr, HAS_RNG)
+        e = normal_tile(key, group, b + first, t, 1)
     y = tl.load(table_ptr + ROW_SQRT_ABAR * T + t) * x0 + tl.load(table_ptr + ROW_SQRT_1M_ABAR * T + t) * e
     tl.store(y_ptr + base + m, y.to(y_ptr.dtype.element_ty), mask=mask)
     if WRITE_EPS:
         tl.store(eps_ptr + base + m, e.to(eps_ptr.dtype.element_ty), mask=mask)
 
 
-def q_sample(x0: torch.Tensor, t: torch.Tensor, table: torch.Tensor, noise, seed: int, sample_offset: int,
+def q_sample(x0: torch.Tensor, t: torch.Tensor, table: torch.Tensor, noise, seed: int, sample_offset: int, rng,
              return_noise: bool, channels_last: bool):
     """Launcher: arguments already validated and laid out by ddpm_fast.ops (same order as the C++ op)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -47,6 +48,7 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, table: torch.Tensor, noise, seed
     C = x0.shape[1]
     grid = (triton.cdiv(triton.cdiv(N, 4), BLOCK), B)
     _q_sample_kernel[grid](x0, noise if noise is not None else x0, y, eps if return_noise else y, t, table,
-                           table.shape[1], seed, sample_offset, N, C, N // C, HAS_NOISE=noise is not None,
-                           WRITE_EPS=return_noise, CHANNELS_LAST=channels_last, BLOCK=BLOCK)
+                           table.shape[1], seed, sample_offset, rng if rng is not None else t, N, C, N // C,
+                           HAS_NOISE=noise is not None, HAS_RNG=rng is not None, WRITE_EPS=return_noise,
+                           CHANNELS_LAST=channels_last, BLOCK=BLOCK)
     return y, eps

@@ -32,6 +32,7 @@ inline GroupNormParams group_norm_params(const at::Tensor& x, int64_t num_groups
                                          const std::optional<at::Tensor>& scale,
                                          const std::optional<at::Tensor>& shift, bool silu, bool channels_last) {
   check_layout(x, channels_last, "x");
+  check_kernel_dtype(x, "x");
   TORCH_CHECK(num_groups > 0 && x.size(1) % num_groups == 0, "num_groups: must divide the ", x.size(1), " channels");
   GroupNormParams p;
   p.B = x.size(0);

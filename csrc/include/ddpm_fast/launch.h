@@ -3,6 +3,7 @@
 // torch.ops.ddpm_fast call) so a kernel never reads out of bounds.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 
@@ -24,6 +25,21 @@ inline void check_layout(const at::Tensor& x, bool channels_last, const char* na
   TORCH_CHECK(x.dim() >= 2 && x.is_contiguous(format_of(channels_last)) && (!channels_last || x.dim() == 4), name,
               ": expected a ", channels_last ? "channels_last [B, C, H, W]" : "contiguous [B, C, ...]", " tensor");
 }
+
+// The dtypes the q_sample, p_step and GroupNorm kernels implement (float64 runs on the reference:
+// a kernel dispatched for it would compute in float32, or, with fewer than 4 values in 16 bytes,
+// leave the output unwritten).
+inline void check_kernel_dtype(const at::Tensor& x, const char* name) {
+  const at::ScalarType s = x.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kHalf || s == at::kBFloat16, name,
+              ": expected float32, float16 or bfloat16, got ", s, " (use backend='reference' for other dtypes)");
+}
+
+// AT_DISPATCH over exactly the dtypes check_kernel_dtype admits.
+#define DDPM_FAST_DISPATCH_KERNEL_TYPES(TYPE, NAME, ...)                                   \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                 \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)              \
+                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 // other: like x (shape, dtype, layout, device); used for passed-in noise.
 inline void check_like(const at::Tensor& other, const at::Tensor& x, bool channels_last, const char* name) {
@@ -48,6 +64,15 @@ inline void check_schedule(const at::Tensor& t, const at::Tensor& table, const a
   TORCH_CHECK(table.dim() == 2 && table.size(0) == kTableRows && table.scalar_type() == at::kFloat &&
                   table.is_contiguous() && table.device() == x.device(),
               "table: expected the schedule's float32 [", int(kTableRows), ", T] table on the samples' device");
+}
+
+// rng: int64 [2] (seed bits, sample_offset) on x's device, read in place of the int arguments.
+inline const int64_t* rng_ptr(const std::optional<at::Tensor>& rng, const at::Tensor& x) {
+  if (!rng) return nullptr;
+  TORCH_CHECK(rng->dim() == 1 && rng->size(0) == 2 && rng->scalar_type() == at::kLong && rng->is_contiguous() &&
+                  rng->device() == x.device(),
+              "rng: expected a contiguous int64 tensor [2] (seed, sample_offset) on the samples' device");
+  return rng->data_ptr<int64_t>();
 }
 
 // An optional float32 parameter of numel elements on device, as a raw pointer (nullptr if absent).
