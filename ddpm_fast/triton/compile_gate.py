@@ -267,9 +267,16 @@ def _compile(job) -> List[dict]:
                      shared_bytes=kernel.metadata.shared, **ptxas_usage(log))
                 for name, kernel, log in _WORKER["compiled"]]
     except Exception as e:  # the gate's finding: reported, never raised
-        # Triton's CompilationError opens with the source excerpt and ends with the cause.
+        # Triton's CompilationError shows the source line of each inlined call down to the innermost,
+        # whose last line is the cause.
+        where = [ln.strip() for ln in str(e).splitlines() if ln.strip() and ln.strip() != "^"]
+        while e.__cause__ is not None:
+            e = e.__cause__
         cause = [ln.strip() for ln in str(e).splitlines() if ln.strip() and ln.strip() != "^"]
-        return [dict(base, kernel="?", ok=False, error=f"{type(e).__name__}: {cause[-1] if cause else ''}")]
+        error = f"{type(e).__name__}: {cause[-1] if cause else ''}"
+        if where and where[-1] not in error:
+            error += f" (at: {where[-1]})"
+        return [dict(base, kernel="?", ok=False, error=error)]
 
 
 def run_gate(archs=ARCHS, only: Optional[List[str]] = None, jobs: int = 0) -> List[dict]:

@@ -44,9 +44,12 @@ def tile_offsets(group, N, C, HW, CHANNELS_LAST: tl.constexpr):
 def philox_key(seed, sample_offset, rng_ptr, HAS_RNG: tl.constexpr):
     """The seed and first sample index: rng's (seed, sample_offset) in device memory when given, read
     at run time so a captured CUDA graph replays with the values of the moment."""
+    # One return: Triton checks every return of a function against the others, constexpr branches too.
     if HAS_RNG:
-        return tl.load(rng_ptr), tl.load(rng_ptr + 1)
-    return seed, sample_offset
+        key, first = tl.load(rng_ptr), tl.load(rng_ptr + 1)
+    else:
+        key, first = seed, sample_offset
+    return key, first
 
 
 @triton.jit
