@@ -177,15 +177,15 @@ class DDPMSampler:
                 bar.update(b)
         return x
 
-    def _capture(self, x, tables, t_model) -> dict:
+    def _capture(self, x, tables, t_model, key) -> dict:
         """One step as a CUDA graph over static buffers: the sample, the model's timestep, the
-        schedule index and the Philox (seed, sample offset), all refreshed on the device before
-        each replay, so one capture serves every batch of this size."""
+        schedule index and, where the step runs a kernel, the Philox (seed, sample offset), all
+        refreshed on the device before each replay, so one capture serves every batch of this size."""
         b = x.shape[0]
         g = dict(x=x.clone(), t_model=t_model[-1:].expand(b).clone(),
                  t_idx=torch.full((b,), len(t_model) - 1, dtype=torch.long, device=self.device),
                  rng=torch.zeros(2, dtype=torch.long, device=self.device), graph=torch.cuda.CUDAGraph())
-        key = dict(rng=g["rng"])
+        key = key or dict(rng=g["rng"])
         self._check_output(self._eps(g["x"], g["t_model"]), g["x"])
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -199,9 +199,14 @@ class DDPMSampler:
 
     def _run_graphed(self, x, tables, t_model, seed, i0, bar, graphs):
         b = x.shape[0]
-        if b not in graphs:
-            graphs[b] = self._capture(x, tables, t_model)
-        g = graphs[b]
+        # The reference step reads an rng tensor on the host, which a capture cannot: there the
+        # (seed, offset) ints are baked into a capture per batch.
+        on_reference = ops.pick_backend("p_step", self.backend, self.device, x.dtype) == "reference"
+        cache_key = (b, i0) if on_reference else b
+        if cache_key not in graphs:
+            baked = dict(seed=seed, sample_offset=i0) if on_reference else None
+            graphs[cache_key] = self._capture(x, tables, t_model, baked)
+        g = graphs[cache_key]
         g["x"].copy_(x)
         # fill_ with a host scalar is a kernel argument: no host-to-device copy, no sync.
         g["rng"][0].fill_(ops.seed_bits(seed))

@@ -238,8 +238,9 @@ at::Tensor p_step_cuda(const at::Tensor& x_t, const at::Tensor& model_output, co
                        const at::Tensor& table, const std::optional<at::Tensor>& noise, int64_t seed,
                        int64_t sample_offset, const std::optional<at::Tensor>& rng, int64_t prediction,
                        int64_t variance, int64_t form, bool clip_sample, double clip_range, bool channels_last) {
-  const c10::cuda::CUDAGuard guard(x_t.device());
+  // The checks first: a CUDA rng beside CPU samples lands here, and the guard needs a CUDA device.
   const Launch L = make_launch(x_t, "x_t", t, table, seed, sample_offset, rng, channels_last);
+  const c10::cuda::CUDAGuard guard(x_t.device());
   check_model_output(model_output, x_t, variance, channels_last);
   if (noise) check_like(*noise, x_t, channels_last, "noise");
   at::Tensor y = at::empty_like(x_t, format_of(channels_last));
@@ -273,8 +274,9 @@ std::tuple<at::Tensor, at::Tensor> q_sample_cuda(const at::Tensor& x0, const at:
                                                  const std::optional<at::Tensor>& noise, int64_t seed,
                                                  int64_t sample_offset, const std::optional<at::Tensor>& rng,
                                                  bool return_noise, bool channels_last) {
-  const c10::cuda::CUDAGuard guard(x0.device());
+  // The checks first: a CUDA rng beside CPU samples lands here, and the guard needs a CUDA device.
   const Launch L = make_launch(x0, "x0", t, table, seed, sample_offset, rng, channels_last);
+  const c10::cuda::CUDAGuard guard(x0.device());
   if (noise) check_like(*noise, x0, channels_last, "noise");
   at::Tensor y = at::empty_like(x0, format_of(channels_last));
   at::Tensor eps = return_noise ? at::empty_like(x0, format_of(channels_last)) : at::empty({0}, x0.options());

@@ -263,6 +263,8 @@ def _compile(job) -> List[dict]:
     base = dict(op=plan.op, label=plan.label, arch=f"sm_{arch}", plan=index)
     try:
         _run_plan(plan)
+        if not _WORKER["compiled"]:
+            raise RuntimeError("the launcher launched no kernel")
         return [dict(base, kernel=name, ok=True, num_warps=kernel.metadata.num_warps,
                      shared_bytes=kernel.metadata.shared, **ptxas_usage(log))
                 for name, kernel, log in _WORKER["compiled"]]
