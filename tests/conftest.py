@@ -20,14 +20,22 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ELEMENTWISE_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
 
 
+def rounding_bound(ref: torch.Tensor, dtype: torch.dtype, slack: float = 1.0) -> torch.Tensor:
+    """How far one rounding of float32 values to dtype may move them, elementwise, times slack: an
+    ulp of |ref|, and never less than the subnormal spacing (float16 normals below 6.1e-5 are
+    subnormal, where the relative error of a rounding is larger than eps)."""
+    if dtype == torch.float32:
+        return torch.zeros_like(ref, dtype=torch.float32)
+    f = torch.finfo(dtype)
+    return slack * (f.eps * ref.abs().float()).clamp_min(f.smallest_normal * f.eps)
+
+
 def normal_bound(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """How far a backend's contract normals may sit from the reference's, elementwise, the same for
     every backend: 8 float32 ulps of max(|z|, 1) for the transcendentals (libm, libdevice and
     compiled Triton's sqrt.approx differ by an ulp or two, which scales with |z|), plus one
     rounding of a half-precision output, which may go the other way near a rounding boundary."""
-    ref = ref.abs().float()
-    out_ulp = torch.finfo(dtype).eps if dtype != torch.float32 else 0.0
-    return 8 * torch.finfo(torch.float32).eps * ref.clamp_min(1.0) + out_ulp * ref
+    return 8 * torch.finfo(torch.float32).eps * ref.abs().float().clamp_min(1.0) + rounding_bound(ref, dtype)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
