@@ -199,14 +199,14 @@ class DDPMSampler:
 
     def _run_graphed(self, x, tables, t_model, seed, i0, bar, graphs):
         b = x.shape[0]
-        # The reference step reads an rng tensor on the host, which a capture cannot: there the
-        # (seed, offset) ints are baked into a capture per batch.
-        on_reference = ops.pick_backend("p_step", self.backend, self.device, x.dtype) == "reference"
-        cache_key = (b, i0) if on_reference else b
-        if cache_key not in graphs:
-            baked = dict(seed=seed, sample_offset=i0) if on_reference else None
-            graphs[cache_key] = self._capture(x, tables, t_model, baked)
-        g = graphs[cache_key]
+        if ops.pick_backend("p_step", self.backend, self.device, x.dtype) == "reference":
+            # The reference step reads an rng tensor on the host, which a capture cannot: its
+            # (seed, offset) ints are baked into a capture of this batch alone.
+            g = self._capture(x, tables, t_model, dict(seed=seed, sample_offset=i0))
+        else:
+            if b not in graphs:
+                graphs[b] = self._capture(x, tables, t_model, None)
+            g = graphs[b]
         g["x"].copy_(x)
         # fill_ with a host scalar is a kernel argument: no host-to-device copy, no sync.
         g["rng"][0].fill_(ops.seed_bits(seed))
