@@ -110,7 +110,8 @@ def rng(value, seed, noise, sample_offset, like: torch.Tensor) -> None:
                          f"{list(value.shape)}")
     same_device(like, "the samples", rng=value)
     if seed is not None or noise is not None or sample_offset != 0:
-        raise ValueError("rng: holds the seed and the sample offset; pass neither seed, noise nor sample_offset with it")
+        raise ValueError("rng: holds the seed and the sample offset; pass neither seed, noise nor sample_offset "
+                         "with it")
 
 
 def per_channel(x: Optional[torch.Tensor], name: str, B: int, C: int, like: torch.Tensor) -> None:

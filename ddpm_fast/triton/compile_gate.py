@@ -100,7 +100,8 @@ def _group_norm_plans() -> Iterator[Plan]:
                  dict(weight=True, bias=True, silu=True), dict(add=True), dict(scale=True), dict(shift=True)]
     shapes = [((2, 128, 32, 32), 32), ((2, 256, 4, 4), 32), ((2, 8, 5, 5), 8), ((2, 64, 1, 1), 32), ((1, 4, 1, 1), 4),
               ((3, 6, 7, 9), 3), ((1, 64, 64, 64), 2)]
-    cases = [(shapes[0], flags) for flags in flag_sets] + [(shape, flags) for shape in shapes[1:] for flags in flag_sets[:2]]
+    cases = [(shapes[0], flags) for flags in flag_sets]
+    cases += [(shape, flags) for shape in shapes[1:] for flags in flag_sets[:2]]
     for dtype, ((shape, groups), flags), layout, split in itertools.product(DTYPES, cases, ("nchw", "channels_last"),
                                                                            (1, 4)):
         yield Plan("group_norm", f"{dtype} {'x'.join(map(str, shape))} G={groups} {layout} split={split} "

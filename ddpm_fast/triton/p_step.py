@@ -22,7 +22,8 @@ def _row(name: str) -> tl.constexpr:
     return tl.constexpr(TABLE_ROWS.index(name))
 
 
-ROW_BETAS, ROW_SQRT_ABAR, ROW_SQRT_1M_ABAR = _row("betas"), _row("sqrt_alphas_cumprod"), _row("sqrt_one_minus_alphas_cumprod")
+ROW_BETAS, ROW_SQRT_ABAR = _row("betas"), _row("sqrt_alphas_cumprod")
+ROW_SQRT_1M_ABAR = _row("sqrt_one_minus_alphas_cumprod")
 ROW_RECIP_SQRT_ALPHA, ROW_EPS_COEF = _row("sqrt_recip_alphas"), _row("eps_coef")
 ROW_C1, ROW_C2 = _row("posterior_mean_coef1"), _row("posterior_mean_coef2")
 ROW_POST_VAR, ROW_POST_LOGVAR = _row("posterior_variance"), _row("posterior_log_variance_clipped")
