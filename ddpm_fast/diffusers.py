@@ -3,18 +3,25 @@
     pipe.scheduler = FastDDPMScheduler.from_config(pipe.scheduler.config)
 
 Same config, save/load, set_timesteps (spacing modes, custom timesteps), previous_timestep and
-outputs.  With a torch.Generator (or a list of them) step draws its noise exactly as
-DDPMScheduler does, so the two agree to fp32 rounding; without one the noise is drawn inside the
-kernel from the Philox contract (a seed from torch's global generator, sample i = batch row i).
-step makes no host sync: the schedule lives on the device and t is looked up on the host.
-Configurations the kernels do not cover (variance "learned" or "fixed_large_log", and the last
-step of a "trailing" schedule, where diffusers still adds noise at t > 0) run DDPMScheduler's own
-code.
+outputs.  The kernels read tables built from the float32 ``alphas_cumprod`` that DDPMScheduler
+holds, by the same float32 operations its step makes, so with a torch.Generator (or a list of
+them) a step draws exactly DDPMScheduler's noise and gives its numbers to float32 rounding.
+(``NoiseSchedule``, which DDPMSampler uses, derives its tables in float64 instead: more exact, and
+a few 1e-5 away from diffusers' float32 tables near both ends of the schedule.)  Without a
+generator the noise is drawn inside the kernel from the Philox contract (a seed from torch's
+global generator, sample i = batch row i).  step makes no host sync: the tables live on the
+device and t is looked up on the host.
+
+Every config DDPMScheduler accepts works.  One the kernels cannot honour (variance "learned" or
+"fixed_large_log", an unknown prediction type, or a schedule whose tables are not finite, such as
+beta_end > 1) runs DDPMScheduler's own code, with a warning once per scheduler.  So does the last
+step of a "trailing" schedule, where diffusers still adds noise at t > 0.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Union
+import warnings
+from typing import List, Optional, Sequence, Union
 
 import torch
 from diffusers import DDPMScheduler
@@ -23,30 +30,88 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from . import ops
 from .reference.q_sample import draw_seed
-from .schedule import NoiseSchedule
+from .schedule import TABLE_ROWS, NoiseSchedule
 
 VARIANCE = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small", "fixed_large": "fixed_large",
             "learned_range": "learned_range"}
+PREDICTIONS = ("epsilon", "sample", "v_prediction")
+# The rows the fused step reads, by variance (the posterior form; the eps form's rows may be infinite
+# where diffusers never uses them, as at the last step of a zero-terminal-SNR schedule).
+_MEAN_ROWS = ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2")
+STEP_ROWS = {"fixed_small": _MEAN_ROWS + ("posterior_variance",), "fixed_large": _MEAN_ROWS + ("betas",),
+             "learned_range": _MEAN_ROWS + ("log_betas", "posterior_log_variance_clipped")}
+
+
+def diffusers_tables(alphas_cumprod: torch.Tensor, timesteps: Sequence[int], variance_type: str) -> NoiseSchedule:
+    """The kernel tables over ``timesteps`` (ascending; each one's previous timestep is the one
+    before it, or none), computed as DDPMScheduler.step and _get_variance compute them: the same
+    float32 operations in the same order on its float32 alphas_cumprod."""
+    acp = alphas_cumprod.detach().cpu().to(torch.float32)
+    a = acp[torch.as_tensor(list(timesteps), dtype=torch.long)]
+    a_prev = torch.cat([torch.ones(1), a[:-1]])
+    beta_prod, beta_prod_prev = 1 - a, 1 - a_prev
+    alpha_t = a / a_prev
+    beta_t = 1 - alpha_t
+    variance = torch.clamp((1 - a_prev) / (1 - a) * beta_t, min=1e-20)
+    if variance_type == "fixed_small_log":
+        # diffusers' sigma is exp(0.5 log var); the kernel takes the sqrt of this row, and
+        # sqrt(fl(s * s)) == s in binary floating point, so the kernel's sigma is diffusers' bit for bit.
+        std = torch.exp(0.5 * torch.log(variance))
+        variance = std * std
+    tables = dict(
+        betas=beta_t,
+        alphas_cumprod=a,
+        alphas_cumprod_prev=a_prev,
+        sqrt_alphas_cumprod=a**0.5,
+        sqrt_one_minus_alphas_cumprod=beta_prod**0.5,
+        sqrt_recip_alphas=1 / alpha_t**0.5,
+        eps_coef=beta_t / beta_prod**0.5,
+        posterior_mean_coef1=(a_prev**0.5 * beta_t) / beta_prod,
+        posterior_mean_coef2=alpha_t**0.5 * beta_prod_prev / beta_prod,
+        posterior_variance=variance,
+        posterior_log_variance_clipped=torch.log(variance),
+        log_betas=torch.log(beta_t),
+    )
+    assert set(tables) == set(TABLE_ROWS)
+    return NoiseSchedule.from_tables(tables)
 
 
 class FastDDPMScheduler(DDPMScheduler):
     def _fast_schedule(self):
-        """(respaced NoiseSchedule over the current timesteps, {t: its index}), built once per
-        set_timesteps: the cache key is the timesteps tensor itself, not its values, so a step
-        does not walk all T timesteps in Python."""
+        """(tables over the current timesteps, {t: its index} or None when unspaced), built once
+        per set_timesteps: the cache key is the timesteps tensor itself, not its values, so a step
+        does not walk all T timesteps in Python.  (None, None) when the kernels cannot honour
+        this config."""
         spaced = bool(self.num_inference_steps or self.custom_timesteps)
-        key = (spaced, id(self.timesteps), self.timesteps.data_ptr(), self.timesteps._version)
+        key = (spaced, id(self.timesteps), self.timesteps.data_ptr(), self.timesteps._version,
+               self.config.variance_type, self.config.prediction_type)
         cached = getattr(self, "_fast_cache", None)
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]
-        full = NoiseSchedule.from_diffusers(self.config)
-        if not spaced:
-            sched, index = full, None
-        else:
-            ts = sorted({int(t) for t in self.timesteps})
-            sched, index = full.respace(ts), {t: k for k, t in enumerate(ts)}
-        self._fast_cache = (key, sched, index, full, self.timesteps)  # holding it keeps its id unique
+        T = self.alphas_cumprod.numel()
+        ts = sorted({int(t) for t in self.timesteps}) if spaced else list(range(T))
+        sched = diffusers_tables(self.alphas_cumprod, ts, self.config.variance_type)
+        index = {t: k for k, t in enumerate(ts)} if spaced else None
+        reason = self._unsupported(sched)
+        if reason is not None:
+            if not getattr(self, "_fallback_warned", False):
+                warnings.warn(f"FastDDPMScheduler: {reason}; stepping with DDPMScheduler's own code", stacklevel=3)
+                self._fallback_warned = True
+            sched, index = None, None
+        self._fast_cache = (key, sched, index, self.timesteps)  # holding it keeps its id unique
         return sched, index
+
+    def _unsupported(self, sched: NoiseSchedule) -> Optional[str]:
+        cfg = self.config
+        if VARIANCE.get(self.variance_type) is None:
+            return f"variance_type {self.variance_type!r} has no fused kernel"
+        if cfg.prediction_type not in PREDICTIONS:
+            return f"prediction_type {cfg.prediction_type!r} is not one of {PREDICTIONS}"
+        rows = STEP_ROWS[VARIANCE[self.variance_type]]
+        bad = [name for name in rows if not torch.isfinite(getattr(sched, name)).all()]
+        if bad:
+            return f"this schedule's {bad[0]} is not finite (a beta outside (0, 1)?)"
+        return None
 
     def step(self, model_output: torch.Tensor, timestep: Union[int, torch.Tensor], sample: torch.Tensor,
              generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
@@ -57,8 +122,8 @@ class FastDDPMScheduler(DDPMScheduler):
         learned = self.variance_type in ("learned", "learned_range")
         split = learned and model_output.shape[1] == sample.shape[1] * 2
         sched, index = self._fast_schedule()
-        k = t if index is None else index.get(t)
-        if variance is None or k is None or (k == 0 and t > 0) or (variance == "learned_range" and not split):
+        k = None if sched is None else (t if index is None else index.get(t))
+        if k is None or (k == 0 and t > 0) or (variance == "learned_range" and not split):
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
 
         eps_part = model_output[:, : sample.shape[1]] if split else model_output
@@ -100,7 +165,15 @@ class FastDDPMScheduler(DDPMScheduler):
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
                   timesteps: torch.IntTensor) -> torch.Tensor:
-        self._fast_schedule()
-        full = self._fast_cache[3]
+        key = (id(self.alphas_cumprod), self.alphas_cumprod._version)
+        cached = getattr(self, "_fast_add_noise", None)
+        if cached is None or cached[0] != key:
+            T = self.alphas_cumprod.numel()
+            full = diffusers_tables(self.alphas_cumprod, range(T), "fixed_small")
+            usable = all(torch.isfinite(getattr(full, name)).all() for name in
+                         ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod"))
+            self._fast_add_noise = cached = (key, full if usable else None, self.alphas_cumprod)
+        if cached[1] is None:
+            return super().add_noise(original_samples, noise, timesteps)
         t = timesteps.to(original_samples.device) if isinstance(timesteps, torch.Tensor) else timesteps
-        return ops.q_sample(original_samples, t, full, noise=noise.to(original_samples.dtype))
+        return ops.q_sample(original_samples, t, cached[1], noise=noise.to(original_samples.dtype))

@@ -1,8 +1,10 @@
 """Noise schedules: betas -> every table the kernels index by t.
 
-All tables are derived once in float64 on the CPU.  ``NoiseSchedule.to(device)``
-returns a ``DeviceTables`` view: the same tables as one contiguous float32 [K, T]
-tensor on the device, so a step reads its coefficients by t without a host sync.
+All tables are derived once in float64 on the CPU; DDPMSampler and the ops use these.
+``NoiseSchedule.from_tables`` takes the tables as given instead: FastDDPMScheduler's are the
+float32 numbers diffusers' DDPMScheduler computes, so that it reproduces diffusers' outputs.
+``NoiseSchedule.to(device)`` returns a ``DeviceTables`` view: the same tables as one contiguous
+float32 [K, T] tensor on the device, so a step reads its coefficients by t without a host sync.
 """
 
 from __future__ import annotations
@@ -137,6 +139,22 @@ class NoiseSchedule:
         if cfg.get("rescale_betas_zero_snr", False):
             sched = cls(_rescale_zero_terminal_snr(sched.betas).clamp_min(1e-12))
         return sched
+
+    @classmethod
+    def from_tables(cls, tables: Mapping[str, torch.Tensor]) -> "NoiseSchedule":
+        """A schedule whose kernel tables are given, one per name in TABLE_ROWS, instead of derived
+        in float64 from betas: for reproducing another implementation's rounding (FastDDPMScheduler
+        holds the float32 numbers DDPMScheduler computes).  Only the TABLE_ROWS tables exist on it."""
+        missing = [name for name in TABLE_ROWS if name not in tables]
+        if missing:
+            raise ValueError(f"tables: missing {', '.join(missing)}")
+        self = cls.__new__(cls)
+        for name in TABLE_ROWS:
+            setattr(self, name, torch.as_tensor(tables[name]).detach().cpu().to(torch.float64))
+        if len({getattr(self, name).shape for name in TABLE_ROWS}) != 1 or self.betas.ndim != 1:
+            raise ValueError("tables: expected 1-D tables of one length")
+        self._device_cache = {}
+        return self
 
     # ------------------------------------------------------------------- access
     @property
