@@ -9,6 +9,7 @@ the extension is built against the torch that will import it.
 
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -48,7 +49,16 @@ def extension_modules():
     else:
         ext = ce.CppExtension("ddpm_fast._C", cpu_sources, include_dirs=[include],
                               extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
-    return [ext], {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}
+    tag = f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}-{'cuda' if with_cuda else 'cpu'}"
+
+    class BuildExtension(ce.BuildExtension.with_options(use_ninja=True)):
+        # pip builds an editable install in a throw-away directory; objects kept under build/ let
+        # ninja recompile only what changed, so a second `pip install -e .` only relinks.
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = os.path.join(here, "build", f"temp-{tag}")
+
+    return [ext], {"build_ext": BuildExtension}
 
 
 ext_modules, cmdclass = extension_modules()
