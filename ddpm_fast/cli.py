@@ -170,7 +170,8 @@ def parser() -> argparse.ArgumentParser:
                            "when a case failed (its row in the results says why), after writing the results.")
     bench.add_argument("--quick", action="store_true", help="two sizes, short timing (under 2 minutes on 2 CPU cores)")
     bench.add_argument("--only", help="comma-separated benchmarks to run (default: all)")
-    bench.add_argument("--out", default="benchmarks/results", help="directory for the JSON/Markdown/PNG results")
+    bench.add_argument("--out", default="bench-results",
+                       help="directory for the JSON/Markdown/PNG results (default: ./bench-results)")
     bench.add_argument("--device", help="cpu or cuda[:N] (default: cuda if present)")
     bench.set_defaults(func=cmd_bench)
     sa = sub.add_parser("sample", help="sample images (default: the embedded digits model)")

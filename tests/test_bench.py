@@ -13,14 +13,16 @@ from ddpm_fast.bench import harness, readme, run
 from ddpm_fast.bench.diffusion import Case
 
 CPU = torch.device("cpu")
-FLOORS = {"copy_bytes": 1, "copy_gbps": 10.0, "matmul_n": 1, "matmul_dtype": "float32", "matmul_tflops": 1.0}
+META = dict(device_name="x", device="cpu", torch="t", triton="t", cuda=None, git_commit="c", date="d", command="c")
+FLOORS = {"copy_bytes": 1, "copy_gbps": 10.0, "matmul_n": 1, "matmul_tflops": {"float32": 1.0, "bfloat16": 2.0}}
 
 
 def test_time_fn_and_floors():
     t = harness.time_fn(lambda: torch.ones(10).sum(), CPU, min_time_s=0.01)
     assert 0 < t["p20_ms"] <= t["median_ms"] <= t["p80_ms"]
     f = harness.measure_floors(CPU, quick=True)
-    assert f["copy_gbps"] > 0 and f["matmul_tflops"] > 0
+    assert f["copy_gbps"] > 0 and set(f["matmul_tflops"]) == {"float32", "bfloat16"}
+    assert all(t > 0 for t in f["matmul_tflops"].values())
 
 
 @pytest.mark.slow
@@ -40,6 +42,15 @@ def test_bench_writes_json_markdown_png(tmp_path):
     assert (tmp_path / "bench-cpu-quick.png").stat().st_size > 10_000
     assert "| p_step |" in readme.section(str(tmp_path / "bench-cpu-quick.json"))
     assert out["paths"]["json"].endswith(".json")
+
+
+def test_mfu_divides_by_the_floor_of_the_rows_dtype():
+    rows = [harness.Row(op="e2e", size="b1", impl=impl, numel=1, dtype=dtype, bytes=0, flops=10**12, steps=1,
+                        images=1, median_ms=1000.0) for impl, dtype in [("a", "float32"), ("b", "bfloat16"),
+                                                                         ("c", "float16")]]
+    harness.finish_rows(rows, FLOORS)
+    assert [r.frac_matmul_floor for r in rows] == [1.0, 0.5, None]  # no float16 floor measured: no MFU
+    assert "| b1 | b | bfloat16 | 1000.00 | 0.0010 | 50.0% |" in harness.markdown(rows, FLOORS, META)
 
 
 def test_cli_info_and_bad_bench_option():
@@ -164,7 +175,8 @@ def test_missing_optional_packages_skip_their_rows_and_are_reported_once(tmp_pat
     assert [r.impl for r in out["rows"]] == ["plain"]
     assert sorted(out["paths"]) == ["json", "md"] and not (tmp_path / "bench-cpu-quick.png").exists()
     notes = [s for s in said if "diffusers" in s]
-    assert len(notes) == 1 and "matplotlib" in notes[0]
+    assert len(notes) == 1
+    assert [s for s in said if "matplotlib" in s] == ["no PNG plot: it needs matplotlib (pip install matplotlib)"]
 
 
 def test_suites_build_their_cases_without_diffusers(monkeypatch):

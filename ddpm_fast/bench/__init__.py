@@ -15,7 +15,10 @@ SUITES = {"q_sample": diffusion.cases, "p_step": diffusion.cases, "group_norm": 
           "attention": attention.cases, "e2e": e2e.cases}
 
 
-def run(ops: Optional[Sequence[str]] = None, quick: bool = False, out_dir: Optional[str] = "benchmarks/results",
+DEFAULT_OUT = "bench-results"
+
+
+def run(ops: Optional[Sequence[str]] = None, quick: bool = False, out_dir: Optional[str] = DEFAULT_OUT,
         device: Optional[str] = None, command: Optional[str] = None, echo=print) -> Dict[str, object]:
     """Run the named suites (all by default) on one device; print a table, write the result files.
 
@@ -51,6 +54,8 @@ def run(ops: Optional[Sequence[str]] = None, quick: bool = False, out_dir: Optio
     echo(harness.markdown(rows, floors, meta))
     if paths:
         echo("wrote " + ", ".join(paths.values()))
+        if "png" not in paths:
+            echo("no PNG plot: it needs matplotlib (pip install matplotlib)")
     failed = sum(r.status != "ok" for r in rows)
     if failed:
         echo(f"{failed} of {len(rows)} cases failed")

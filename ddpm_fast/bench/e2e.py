@@ -5,7 +5,7 @@ full 1000 steps (every step costs the same: one U-Net call and one update).
 Variants: diffusers' DDPMPipeline in fp32 and under bf16 autocast, torch.compile(max-autotune) of
 its UNet (GPU only), FastDDPMScheduler alone, accelerate() + FastDDPMScheduler (these four need
 diffusers), and DDPMSampler in fp32 and bf16 with CUDA graphs on and off (graphs on CUDA only).
-MFU = achieved FLOP/s over the matmul floor measured in the same run.
+MFU = achieved FLOP/s over the matmul floor of the row's dtype, measured in the same run.
 """
 
 from __future__ import annotations
@@ -67,16 +67,17 @@ def cases(op: str, device: torch.device, quick: bool) -> Iterator[Case]:
     for batch in batches:
         common = dict(op=op, size=f"b{batch}", numel=batch * 3 * 32 * 32, dtype=torch.float32, bytes=0,
                       flops=int(GFLOP_PER_IMAGE_STEP * 1e9 * batch * steps), steps=steps, images=batch)
+        bf16 = dict(common, dtype=torch.bfloat16)  # rows that run their matmuls in bf16: MFU against its floor
         if diffusers is not None:
             yield Case(impl="diffusers DDPMPipeline fp32",
                        fn=try_build(lambda: pipeline(unet, diffusers.DDPMScheduler, batch)), baseline=True, **common)
             yield Case(impl="diffusers DDPMPipeline bf16 autocast",
                        fn=try_build(lambda: pipeline(unet, diffusers.DDPMScheduler, batch, torch.bfloat16)),
-                       baseline=True, **common)
+                       baseline=True, **bf16)
             if device.type == "cuda":
                 yield Case(impl="diffusers + torch.compile(max-autotune) bf16",
                            fn=try_build(lambda: pipeline(compiled(unet), diffusers.DDPMScheduler, batch,
-                                                         torch.bfloat16)), baseline=True, **common)
+                                                         torch.bfloat16)), baseline=True, **bf16)
             yield Case(impl="FastDDPMScheduler", fn=try_build(lambda: pipeline(unet, FastDDPMScheduler, batch)),
                        baseline=False, **common)
             yield Case(impl="accelerate + FastDDPMScheduler",
@@ -87,4 +88,4 @@ def cases(op: str, device: torch.device, quick: bool) -> Iterator[Case]:
                 sampler = try_build(lambda: DDPMSampler(ours, dtype=dtype, cuda_graphs=graphs, device=device).sample)
                 name = f"DDPMSampler {str(dtype)[6:]}" + (" graphs" if graphs else "")
                 yield Case(impl=name, fn=lambda s=sampler, b=batch: s(b, seed=0, num_steps=steps),
-                           baseline=False, **common)
+                           baseline=False, **dict(common, dtype=dtype))

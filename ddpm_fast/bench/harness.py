@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Set
+from typing import Callable, Dict, List, Optional, Set, Union
 
 import torch
 
@@ -94,26 +95,34 @@ def time_fn(fn: Callable[[], object], device: torch.device, min_time_s: float = 
 
 
 # ------------------------------------------------------------------------- floors
-def measure_floors(device: torch.device, quick: bool = False) -> Dict[str, float]:
-    """Copy bandwidth (GB/s, read + write counted) and matmul throughput (TFLOP/s)."""
+# The dtypes the suites' rows run in: each gets its own matmul floor, and a row's MFU divides by the
+# floor of its own dtype (a bf16 row over the fp32 floor would read well above 100%).
+FLOOR_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def measure_floors(device: torch.device, quick: bool = False) -> Dict[str, object]:
+    """Copy bandwidth (GB/s, read + write counted) and matmul throughput (TFLOP/s) per dtype."""
     n_bytes = (1 << 30 if device.type == "cuda" else 128 << 20) // (4 if quick else 1)
     src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     copy = time_fn(lambda: dst.copy_(src), device)
-    if device.type == "cuda":
-        n, dtype = 8192, torch.bfloat16
-    else:
-        n, dtype = (512 if quick else 1024), torch.float32
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    mm = time_fn(lambda: a @ b, device)
-    return {
-        "copy_bytes": 2 * n_bytes,
-        "copy_gbps": 2 * n_bytes / copy["median_ms"] / 1e6,
-        "matmul_n": n,
-        "matmul_dtype": str(dtype).replace("torch.", ""),
-        "matmul_tflops": 2 * n**3 / mm["median_ms"] / 1e9,
-    }
+    n = 8192 if device.type == "cuda" else (512 if quick else 1024)
+    tflops = {}
+    for dtype in FLOOR_DTYPES:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        tflops[dtype_name(dtype)] = 2 * n**3 / time_fn(lambda: a @ b, device)["median_ms"] / 1e9
+    return {"copy_bytes": 2 * n_bytes, "copy_gbps": 2 * n_bytes / copy["median_ms"] / 1e6, "matmul_n": n,
+            "matmul_tflops": tflops}
+
+
+def dtype_name(dtype: Union[torch.dtype, str]) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def floors_text(floors: Dict[str, object]) -> str:
+    matmul = ", ".join(f"{d} {t:.2f}" for d, t in floors["matmul_tflops"].items())
+    return f"copy {floors['copy_gbps']:.1f} GB/s, matmul (TFLOP/s) {matmul}"
 
 
 # --------------------------------------------------------------------------- rows
@@ -151,7 +160,8 @@ def finish_rows(rows: List[Row], floors: Dict[str, float]) -> None:
         r.gbps = r.bytes / s / 1e9
         r.frac_copy_floor = r.gbps / floors["copy_gbps"]
         r.tflops = r.flops / s / 1e12
-        r.frac_matmul_floor = r.tflops / floors["matmul_tflops"]
+        floor = floors["matmul_tflops"].get(r.dtype)
+        r.frac_matmul_floor = r.tflops / floor if floor else None
         # 0.0 on per-op rows, as result files have always had it.
         r.ms_per_step = r.median_ms / r.steps if r.steps else 0.0
         r.images_per_s_1000_steps = r.images / (r.ms_per_step * 1000 / 1e3) if r.steps else 0.0
@@ -209,7 +219,7 @@ def write_results(name: str, rows: List[Row], floors: Dict[str, float], meta: Di
     write_json(paths["json"], rows, floors, meta)
     with open(paths["md"], "w") as f:
         f.write(markdown(rows, floors, meta))
-    if optional("matplotlib") is None:
+    if importlib.util.find_spec("matplotlib") is None:
         del paths["png"]
     else:
         plot(rows, floors, meta, paths["png"])
@@ -221,8 +231,7 @@ def markdown(rows: List[Row], floors: Dict[str, float], meta: Dict[str, object])
         f"Device: {meta['device_name']} ({meta['device']}), torch {meta['torch']}, triton {meta['triton']}, "
         f"CUDA {meta['cuda']}, commit {str(meta['git_commit'])[:10]}, {meta['date']}",
         f"Command: `{meta['command']}`",
-        f"Floors measured in this run: copy {floors['copy_gbps']:.1f} GB/s, "
-        f"{floors['matmul_dtype']} matmul {floors['matmul_tflops']:.2f} TFLOP/s",
+        f"Floors measured in this run: {floors_text(floors)}; MFU divides by the matmul floor of the row's dtype",
     ]
     if any(not r.steps for r in rows):
         lines += ["", "| op | size | impl | median ms | GB/s | % copy floor | vs baselines (their time / this) |",
@@ -239,16 +248,16 @@ def markdown(rows: List[Row], floors: Dict[str, float], meta: Dict[str, object])
     e2e = [r for r in rows if r.steps]
     if e2e:
         lines += ["", f"End to end ({e2e[0].steps} steps timed per call; every one of the 1000 steps costs the same):",
-                  "", "| batch | impl | ms per step | images/s (1000 steps) | MFU | vs baselines |",
-                  "| --- | --- | ---: | ---: | ---: | --- |"]
+                  "", "| batch | impl | dtype | ms per step | images/s (1000 steps) | MFU | vs baselines |",
+                  "| --- | --- | --- | ---: | ---: | ---: | --- |"]
         for r in e2e:
-            name = f"| {r.size} | {r.impl}{' (baseline)' if r.baseline else ''} |"
+            name = f"| {r.size} | {r.impl}{' (baseline)' if r.baseline else ''} | {r.dtype} |"
             if r.status != "ok":
                 lines.append(f"{name} {r.status} | | | |")
                 continue
             vs = ", ".join(f"{k} {v:.2f}x" for k, v in r.vs.items())
-            lines.append(f"{name} {r.ms_per_step:.2f} | {r.images_per_s_1000_steps:.4f} | "
-                         f"{100 * r.frac_matmul_floor:.1f}% | {vs} |")
+            mfu = "" if r.frac_matmul_floor is None else f"{100 * r.frac_matmul_floor:.1f}%"
+            lines.append(f"{name} {r.ms_per_step:.2f} | {r.images_per_s_1000_steps:.4f} | {mfu} | {vs} |")
     return "\n".join(lines) + "\n"
 
 
@@ -279,14 +288,18 @@ def plot(rows: List[Row], floors: Dict[str, float], meta: Dict[str, object], pat
         ax.set_xticklabels(sizes, rotation=35, ha="right", fontsize=7)
         ax.legend(fontsize=8)
     ax = panels[len(ops)]
-    peak_bw, peak_fl = floors["copy_gbps"] * 1e9, floors["matmul_tflops"] * 1e12
+    # One roof per dtype, from its own matmul floor; each point is drawn in its dtype's colour.
+    peak_bw = floors["copy_gbps"] * 1e9
     xs = [2.0**k for k in range(-6, 12)]
-    ax.plot(xs, [min(peak_fl, x * peak_bw) / 1e12 for x in xs], "k--", lw=1, label="roofline (measured floors)")
+    colours = dict(zip(floors["matmul_tflops"], ("k", "tab:red", "tab:blue")))
+    for dtype, tflops in floors["matmul_tflops"].items():
+        ax.plot(xs, [min(tflops * 1e12, x * peak_bw) / 1e12 for x in xs], "--", color=colours[dtype], lw=1,
+                label=f"roofline {dtype} (measured floors)")
     markers = "osD^v<>"
-    for op, impl in sorted({(r.op, r.impl) for r in rows if r.flops and r.bytes}):
-        pts = [(r.flops / r.bytes, r.tflops) for r in rows if r.op == op and r.impl == impl]
+    for op, impl, dtype in sorted({(r.op, r.impl, r.dtype) for r in rows if r.flops and r.bytes}):
+        pts = [(r.flops / r.bytes, r.tflops) for r in rows if (r.op, r.impl, r.dtype) == (op, impl, dtype)]
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=16, marker=markers[ops.index(op) % len(markers)],
-                   label=f"{op} / {impl}")
+                   color=colours.get(dtype, "tab:gray"), label=f"{op} / {impl} ({dtype})")
     ax.set(xscale="log", yscale="log", xlabel="FLOP / byte", ylabel="TFLOP/s",
            title="roofline (one point per size)")
     ax.legend(fontsize=6)
