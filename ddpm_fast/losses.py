@@ -13,6 +13,7 @@ activations per image, so it cannot pay.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Union
 
 import torch
@@ -34,14 +35,24 @@ def eps_mse(model: Callable[..., torch.Tensor], x0: torch.Tensor, t: Union[int, 
     (seed, step, position in the batch), and a resumed run draws the same.  ``model`` is any
     ``model(x_t, t, **model_kwargs)`` returning ε's shape (a diffusers UNet2DModel's ``.sample``
     output is taken).  The loss is computed in float32 whatever the model's dtype (autocast).
-    ``reduction``: "mean" (a scalar), "sum", or "none" (one value per sample, [B])."""
+    ``reduction``: "mean" (a scalar), "sum", or "none" (one value per sample, [B]).
+
+    ``t`` on the CPU with ``x0`` on a GPU is range-checked on the host and copied over without
+    blocking, so the step has no host sync (a GPU ``t`` is read back to check it)."""
     if not callable(model):
         raise TypeError(f"model: expected a callable model(x_t, t), got {type(model).__name__}")
     _checks.choice(reduction, "reduction", REDUCTIONS)
     if seed is None:
         raise ValueError("seed: expected an int in [0, 2**64) (training noise must be reproducible), got None")
-    x_t, eps = ops.q_sample(x0, t, schedule, seed=seed, sample_offset=sample_offset, return_noise=True,
-                            backend=backend)
+    host_checked = contextlib.nullcontext()
+    if isinstance(t, torch.Tensor) and t.is_cpu and isinstance(x0, torch.Tensor) and not x0.is_cpu:
+        _checks.tensor(x0, "x0", ndim_min=1)
+        t = _checks.timesteps(t, x0.shape[0], _checks.schedule(schedule).num_timesteps, t.device)
+        t = t.pin_memory().to(x0.device, non_blocking=True) if x0.is_cuda else t.to(x0.device)
+        host_checked = _checks.timesteps_checked_on_host()
+    with host_checked:
+        x_t, eps = ops.q_sample(x0, t, schedule, seed=seed, sample_offset=sample_offset, return_noise=True,
+                                backend=backend)
     out = model(x_t, t, **model_kwargs)
     out = getattr(out, "sample", out)
     if not isinstance(out, torch.Tensor) or out.shape != eps.shape:

@@ -129,3 +129,16 @@ def test_bad_input():
         eps_mse(lambda x, t: x[:, :1], x0, 5, SCHEDULE, 0)
     with pytest.raises(ValueError, match="model: expected an output"):
         eps_mse(lambda x, t: None, x0, 5, SCHEDULE, 0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_host_timesteps_with_gpu_samples_match_device_timesteps(gen):
+    net = tiny_unet().cuda()
+    x0 = (torch.rand(4, 3, 8, 8, generator=gen) * 2 - 1).cuda()
+    t = torch.randint(0, 1000, (4,), generator=gen)
+    on_host = eps_mse(net, x0, t, SCHEDULE, 5, sample_offset=12, reduction="none")
+    on_device = eps_mse(net, x0, t.cuda(), SCHEDULE, 5, sample_offset=12, reduction="none")
+    assert torch.equal(on_host, on_device)
+    with pytest.raises(ValueError, match="t: expected timesteps"):  # still checked, on the host
+        eps_mse(net, x0, torch.tensor([1, 2, 3, 1000]), SCHEDULE, 5)
