@@ -127,7 +127,11 @@ def _train(args: argparse.Namespace) -> int:
     from .train import Recipe, atomic_save, load_state, save_sampling_checkpoint, train
 
     out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir) or not os.access(out_dir, os.W_OK):
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out: cannot create {out_dir} ({e.strerror})") from None
+    if not os.access(out_dir, os.W_OK):
         raise UsageError(f"--out: cannot write to {out_dir}")
     state_path = train_state_path(args.out)
     for name in ("steps", "checkpoint_every", "log_every", "image_size"):
@@ -188,7 +192,7 @@ def _train(args: argparse.Namespace) -> int:
     if data_path:
         try:
             data = ImageFolder(data_path, cfg["image_size"], cfg["in_channels"])
-        except (FileNotFoundError, ValueError) as e:
+        except (FileNotFoundError, ValueError, ImportError) as e:
             raise UsageError(f"--data: {str(e).removeprefix('data: ')}") from None
         about = f"{len(data)} images under {data_path}"
         fingerprint = data.fingerprint()

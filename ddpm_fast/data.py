@@ -45,6 +45,10 @@ class ImageFolder(torch.utils.data.Dataset):
     mirrored left-right when ``flip``.  Files are decoded when read, so any number of images fits."""
 
     def __init__(self, root: str, image_size: int, channels: int = 3):
+        try:
+            import PIL  # noqa: F401
+        except ImportError:
+            raise ImportError("data: reading images needs Pillow (pip install pillow)") from None
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data: {root!r} is not a directory")
         if channels not in (1, 3):

@@ -144,9 +144,12 @@ def train(model: DDPMUNet, data, schedule: NoiseSchedule, steps: int, recipe: Re
 
     bar = None
     if progress and start < steps:
-        from tqdm import tqdm
+        try:
+            from tqdm import tqdm
 
-        bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True)
+            bar = tqdm(total=steps, initial=start, unit="step", dynamic_ncols=True)
+        except ImportError:  # no bar without tqdm: the log lines instead
+            pass
     model.train()
     running, since, t0 = torch.zeros((), device=device), 0, time.perf_counter()
     try:
