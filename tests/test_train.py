@@ -216,3 +216,19 @@ def test_progress_bar_on_a_terminal_only(capsys, monkeypatch, tmp_path, pngs, ti
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     rc, out, err = run_train(capsys, *base, "--out", tmp_path / "b.pt", "--no-progress")
     assert rc == 0 and "step/s" not in err and "s/step" not in err and "step 2/2  loss" in out
+
+
+def test_export_bad_input(capsys, tmp_path):
+    def export(*argv):
+        rc = cli.main(["export", *map(str, argv)])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("ddpm-fast export: error: ") and err.count("\n") == 1, err
+        return err
+
+    assert "CHECKPOINT: " in export(tmp_path / "missing.pt", tmp_path / "out")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    assert "is not empty" in export(tmp_path / "missing.pt", tmp_path / "full")
+    pooled = DDPMUNet(**dict(TINY, resamp_with_conv=False))
+    pooled.save(str(tmp_path / "pooled.pt"), df.NoiseSchedule.linear(10))
+    assert "resamp_with_conv=False" in export(tmp_path / "pooled.pt", tmp_path / "out")
