@@ -48,7 +48,7 @@ def eps_mse(model: Callable[..., torch.Tensor], x0: torch.Tensor, t: Union[int, 
     if isinstance(t, torch.Tensor) and t.is_cpu and isinstance(x0, torch.Tensor) and not x0.is_cpu:
         _checks.tensor(x0, "x0", ndim_min=1)
         t = _checks.timesteps(t, x0.shape[0], _checks.schedule(schedule).num_timesteps, t.device)
-        t = t.pin_memory().to(x0.device, non_blocking=True) if x0.is_cuda else t.to(x0.device)
+        t = t.contiguous().pin_memory().to(x0.device, non_blocking=True) if x0.is_cuda else t.to(x0.device)
         host_checked = _checks.timesteps_checked_on_host()
     with host_checked:
         x_t, eps = ops.q_sample(x0, t, schedule, seed=seed, sample_offset=sample_offset, return_noise=True,

@@ -207,6 +207,7 @@ def test_resume_keeps_the_run_and_unreadable_images_fail_cleanly(capsys, tmp_pat
     assert_usage_error(capsys, "broken.png", *broken, "--steps", 3)
 
 
+@pytest.mark.slow
 def test_progress_bar_on_a_terminal_only(capsys, monkeypatch, tmp_path, pngs, tiny_json):
     base = ["--data", pngs, "--model", tiny_json, "--workers", 0, "--batch-size", 2, "--steps", 2, "--log-every", 1]
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
