@@ -13,7 +13,7 @@ from .ops import (
 )
 from .sampler import DDPMSampler, to_uint8
 from .schedule import NoiseSchedule
-from . import models
+from . import losses, models
 from .modules import FusedGroupNorm, FusedGroupNormSiLU, accelerate
 
 __version__ = "0.1.0"
@@ -29,6 +29,7 @@ __all__ = [
     "available_backends",
     "models",
     "group_norm",
+    "losses",
     "p_step",
     "philox_randn",
     "q_sample",

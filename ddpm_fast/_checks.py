@@ -6,6 +6,8 @@ expected; kernels are only ever launched on arguments that passed these checks.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Iterable, Optional, Tuple, Union
 
 import torch
@@ -61,8 +63,9 @@ def timesteps(t, batch: int, T: int, device: torch.device) -> torch.Tensor:
     """t (int or integer tensor [B] / scalar) -> LongTensor [B] on ``device``, values checked in [0, T).
 
     The range check reads the values on the host, except while a CUDA graph is being
-    captured or torch.compile traces (no sync, no data-dependent branch allowed); the
-    kernels clamp t so a bad value can never read out of bounds there.
+    captured or torch.compile traces (no sync, no data-dependent branch allowed) or inside
+    ``timesteps_checked_on_host``; the kernels clamp t so a bad value can never read out of
+    bounds there.
     """
     if isinstance(t, bool):
         raise TypeError("t: expected an int or an integer tensor, got bool")
@@ -78,11 +81,26 @@ def timesteps(t, batch: int, T: int, device: torch.device) -> torch.Tensor:
         raise ValueError(f"t: expected a scalar or a tensor of shape [{batch}], got shape {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"t: expected a tensor on {device} like the samples, got one on {t.device}")
-    tracing = torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing())
-    if not tracing and t.numel() and bool(((t < 0) | (t >= T)).any()):
+    on_device = torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()) \
+        or (not t.is_cpu and _HOST_CHECKED.get())
+    if not on_device and t.numel() and bool(((t < 0) | (t >= T)).any()):
         bad = t[(t < 0) | (t >= T)].flatten()[0].item()
         raise ValueError(f"t: expected timesteps in [0, {T}) for this schedule, got {bad}")
     return t.to(torch.int64).reshape(-1).expand(batch)
+
+
+_HOST_CHECKED = contextvars.ContextVar("ddpm_fast_timesteps_checked_on_host", default=False)
+
+
+@contextlib.contextmanager
+def timesteps_checked_on_host():
+    """Within it, timestep tensors on a GPU are not read back to check their range: the caller
+    checked them on the host before copying them over, and a training step stays free of host syncs."""
+    token = _HOST_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _HOST_CHECKED.reset(token)
 
 
 def noise_source(noise, seed, like: torch.Tensor, shape: Tuple[int, ...]) -> None:

@@ -60,32 +60,213 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if any(r.status != "ok" for r in result["rows"]) else 0
 
 
-# The embedded default model's architecture: a small DDPM U-Net for 16x16 digits.
-DIGITS_UNET = dict(in_channels=1, out_channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
-                   dropout=0.0, image_size=16, num_groups=8)
+# `train --model` presets: the architecture and the training recipe it comes with.
+MODEL_PRESETS = {
+    # The embedded default model: a small DDPM U-Net for 16x16 digits.
+    "digits16": dict(model=dict(in_channels=1, out_channels=1, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
+                                attn_resolutions=(8,), dropout=0.0, image_size=16, num_groups=8),
+                     recipe=dict(batch_size=64, lr=5e-4, warmup=200, ema_decay=0.999), steps=4000),
+    # The paper's CIFAR-10 model (35.7M parameters) and run.
+    "cifar10": dict(model=dict(in_channels=3, out_channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
+                               attn_resolutions=(16,), dropout=0.1, image_size=32),
+                    recipe=dict(batch_size=128, lr=2e-4, warmup=5000, ema_decay=0.9999), steps=800_000),
+}
+# Arguments that define a run's recipe (ddpm_fast.train.Recipe): a resumed run keeps them, and refuses
+# a different value, as it does for --timesteps, --model, --image-size and --data.
+RECIPE_ARGS = ("batch_size", "lr", "warmup", "ema_decay", "grad_clip", "seed")
+
+
+class UsageError(Exception):
+    """A mistake in the command line: `ddpm-fast train: error: ...`, exit status 2."""
+
+
+def train_state_path(out: str) -> str:
+    """Where `train --out FILE` keeps the state `--resume` reads: FILE's name with .state before its extension."""
+    root, ext = os.path.splitext(out)
+    return f"{root}.state{ext or '.pt'}"
+
+
+def model_config(spec: str, image_size: Optional[int]) -> dict:
+    """--model: a preset name, or a JSON file of DDPMUNet arguments or of a diffusers UNet2DModel config
+    -> the model's full config."""
+    from .models import DDPMUNet
+    from .models.loading import config_from_diffusers
+
+    if spec in MODEL_PRESETS:
+        cfg = dict(MODEL_PRESETS[spec]["model"])
+    elif os.path.isfile(spec):
+        try:
+            with open(spec) as f:
+                cfg = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UsageError(f"--model: cannot read {spec!r} as JSON ({e})") from None
+        if not isinstance(cfg, dict):
+            raise UsageError(f"--model: {spec!r} must hold a JSON object of DDPMUNet arguments")
+        if "block_out_channels" in cfg:
+            try:
+                cfg = config_from_diffusers(cfg)
+            except (KeyError, ValueError, TypeError) as e:
+                raise UsageError(f"--model: {spec!r}: {e}") from None
+    else:
+        raise UsageError(f"--model: expected {', '.join(MODEL_PRESETS)} or a JSON config file, got {spec!r}")
+    if image_size is not None:
+        cfg["image_size"] = image_size
+    try:
+        return DDPMUNet(**cfg).config
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--model: {e}") from None
+
+
+def _train(args: argparse.Namespace) -> int:
+    import dataclasses
+    import re
+
+    from . import NoiseSchedule
+    from .data import ImageFolder, load_digits
+    from .models import DDPMUNet
+    from .train import Recipe, atomic_save, load_state, save_sampling_checkpoint, train
+
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out: cannot create {out_dir} ({e.strerror})") from None
+    if not os.access(out_dir, os.W_OK):
+        raise UsageError(f"--out: cannot write to {out_dir}")
+    state_path = train_state_path(args.out)
+    for name in ("steps", "checkpoint_every", "log_every", "image_size"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise UsageError(f"--{name.replace('_', '-')}: expected a positive int, got {v}")
+    if args.workers < 0:
+        raise UsageError(f"--workers: expected a non-negative int, got {args.workers}")
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise UsageError(f"--device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device: {device} asked for, but torch sees no CUDA GPU")
+    saved = None
+    if args.resume:
+        try:
+            saved = load_state(state_path)
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(f"--resume: {str(e).removeprefix('resume: ')}") from None
+        meta = saved["meta"]
+        for name in RECIPE_ARGS + ("timesteps",):
+            given, was = getattr(args, name), (meta["timesteps"] if name == "timesteps" else saved["recipe"][name])
+            if given is not None and given != was:
+                raise UsageError(f"--{name.replace('_', '-')}: the run being resumed has {was}, got {given}")
+        if args.no_flip and saved["recipe"]["flip"]:
+            raise UsageError("--no-flip: the run being resumed flips its images")
+        data_path = args.data or meta["data_path"]
+        cfg = saved["config"]
+        if args.model is not None and model_config(args.model, args.image_size or cfg["image_size"]) != cfg:
+            raise UsageError(f"--model: the run being resumed trains another model ({cfg})")
+        if args.image_size is not None and args.image_size != cfg["image_size"]:
+            raise UsageError(f"--image-size: the run being resumed has {cfg['image_size']}, got {args.image_size}")
+        recipe = Recipe(**saved["recipe"])
+        schedule = NoiseSchedule(saved["betas"])
+        steps = meta["steps"] if args.steps is None else args.steps
+    else:
+        if os.path.exists(state_path):
+            raise UsageError(f"--out: {state_path} holds a training run; pass --resume to continue it, "
+                             "or remove it to start over")
+        data_path = args.data
+        spec = args.model or ("cifar10" if data_path else "digits16")
+        cfg = model_config(spec, args.image_size)
+        preset = MODEL_PRESETS.get(spec, MODEL_PRESETS["cifar10"])
+        defaults = dict(preset["recipe"], grad_clip=1.0, seed=0)
+        chosen = {k: getattr(args, k) if getattr(args, k) is not None else defaults[k] for k in RECIPE_ARGS}
+        try:
+            recipe = Recipe(**chosen, flip=bool(data_path) and not args.no_flip)
+        except ValueError as e:  # "batch_size: expected ..." -> "--batch-size: expected ..."
+            name, message = str(e).split(": ", 1)
+            raise UsageError(f"--{name.replace('_', '-')}: {message}") from None
+        try:
+            schedule = NoiseSchedule.linear(1000 if args.timesteps is None else args.timesteps)
+        except ValueError as e:
+            raise UsageError(f"--timesteps: {e}") from None
+        steps = preset["steps"] if args.steps is None else args.steps
+
+    if data_path:
+        try:
+            data = ImageFolder(data_path, cfg["image_size"], cfg["in_channels"])
+        except (FileNotFoundError, ValueError, ImportError) as e:
+            raise UsageError(f"--data: {str(e).removeprefix('data: ')}") from None
+        about = f"{len(data)} images under {data_path}"
+        fingerprint = data.fingerprint()
+    else:
+        if cfg["in_channels"] != 1:
+            raise UsageError(f"--model: the digits are greyscale, but the model takes {cfg['in_channels']} channels "
+                             "(pass --data DIR for your own images)")
+        data, _ = load_digits(cfg["image_size"])
+        about = f"{len(data)} digits"
+        fingerprint = "sklearn digits 8x8 upscaled"
+    if saved is not None and saved["meta"]["data"] != fingerprint:
+        raise UsageError(f"--data: the run being resumed read {saved['meta']['data']}, this is {fingerprint}")
+    if saved is not None and saved["step"] >= steps:
+        print(f"{state_path} is at step {saved['step']} already (--steps {steps}); nothing to do")
+        return 0
+
+    torch.manual_seed(recipe.seed)
+    net = DDPMUNet(**cfg)
+    meta = dict(data=fingerprint, data_path=os.path.abspath(data_path) if data_path else None, steps=steps,
+                timesteps=schedule.num_timesteps)
+
+    def checkpoint(state: dict, ema: DDPMUNet) -> None:
+        atomic_save(state, state_path)
+        save_sampling_checkpoint(ema, schedule, args.out, data=fingerprint, step=state["step"],
+                                 **dataclasses.asdict(recipe))
+
+    first = saved["step"] if saved is not None else 0
+    print(f"training a {sum(p.numel() for p in net.parameters()):,}-parameter U-Net on {about}: steps {first + 1} to "
+          f"{steps}, batch {recipe.batch_size}, checkpoints every {args.checkpoint_every} steps to {state_path}")
+    progress = sys.stderr.isatty() and not args.no_progress
+    try:
+        train(net, data, schedule, steps, recipe, device=device, resume=saved, checkpoint=checkpoint,
+              checkpoint_every=args.checkpoint_every, log_every=args.log_every, progress=progress,
+              workers=args.workers, meta=meta)
+    except ValueError as e:
+        # An unreadable image, found when it is read (a DataLoader worker wraps the message).
+        unreadable = re.search(r"data: cannot read image .*", str(e))
+        if unreadable:
+            raise UsageError(f"--data: {unreadable.group(0).removeprefix('data: ')} (the last checkpoint is kept)") \
+                from None
+        raise
+    print(f"wrote {args.out} (EMA weights, for `ddpm-fast sample --model {args.out}`) and {state_path}")
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from . import NoiseSchedule
-    from .data import load_digits
-    from .models import DDPMUNet
-    from .train import train
-
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.access(out_dir, os.W_OK):
-        print(f"ddpm-fast train: error: --out: cannot write to {out_dir}", file=sys.stderr)
+    try:
+        return _train(args)
+    except UsageError as e:
+        print(f"ddpm-fast train: error: {e}", file=sys.stderr)
         return 2
-    torch.manual_seed(args.seed)
-    images, _ = load_digits()
-    net = DDPMUNet(**DIGITS_UNET)
-    schedule = NoiseSchedule.linear(args.timesteps)
-    print(f"training a {sum(p.numel() for p in net.parameters()):,}-parameter U-Net on {len(images)} digits, "
-          f"{args.steps} steps of {args.batch_size}")
-    ema = train(net, images, schedule, args.steps, args.batch_size, args.lr, seed=args.seed)
-    ema.save(args.out, schedule, sampling=dict(prediction="epsilon", variance="fixed_small", clip_sample=True),
-             data="sklearn digits 8x8 upscaled to 16x16", steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-             seed=args.seed)
-    print(f"wrote {args.out}")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .io import load_for_sampling
+    from .models.loading import save_diffusers
+
+    def fail(msg: str) -> int:
+        print(f"ddpm-fast export: error: {msg}", file=sys.stderr)
+        return 2
+
+    if os.path.isdir(args.dir) and os.listdir(args.dir):
+        return fail(f"DIR: {args.dir!r} is not empty")
+    try:
+        model, schedule, options = load_for_sampling(args.checkpoint)
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        return fail(str(e).replace("model: ", "CHECKPOINT: ", 1))
+    try:
+        save_diffusers(model, schedule, options, args.dir)
+    except (ValueError, RuntimeError) as e:
+        return fail(str(e))
+    except OSError as e:
+        return fail(f"DIR: cannot write {args.dir!r} ({e.strerror})")
+    print(f"wrote {args.dir}: a diffusers DDPMPipeline (DDPMPipeline.from_pretrained), its UNet2DModel in unet/")
     return 0
 
 
@@ -188,14 +369,40 @@ def parser() -> argparse.ArgumentParser:
     sa.add_argument("--no-graphs", action="store_true", help="do not capture CUDA graphs")
     sa.add_argument("--progress", action="store_true", help="show a progress bar")
     sa.set_defaults(func=cmd_sample)
-    tr = sub.add_parser("train", help="train the default digits model (fused q_sample, Philox noise)")
-    tr.add_argument("--out", default="digits16.pt", help="checkpoint file to write")
-    tr.add_argument("--steps", type=int, default=4000)
-    tr.add_argument("--batch-size", type=int, default=64)
-    tr.add_argument("--lr", type=float, default=5e-4)
-    tr.add_argument("--timesteps", type=int, default=1000)
-    tr.add_argument("--seed", type=int, default=0)
+    tr = sub.add_parser("train", help="train a DDPM U-Net on a folder of images (default: the embedded digits)",
+                        description="Train a DDPM U-Net (fused q_sample + loss, Philox noise). Writes the EMA "
+                        "weights to --out and the training state beside it (FILE.state.pt) every "
+                        "--checkpoint-every steps; --resume continues from that state exactly.")
+    tr.add_argument("--data", help="a folder of PNG/JPEG images, any depth of subfolders (default: the digits)")
+    tr.add_argument("--model", help=f"{' | '.join(MODEL_PRESETS)} | a JSON file of DDPMUNet arguments or of a "
+                    "diffusers UNet2DModel config (default: digits16, or cifar10 with --data)")
+    tr.add_argument("--image-size", type=int, help="centre-crop and resize images to this (default: the model's)")
+    tr.add_argument("--out", default="digits16.pt", help="checkpoint file to write (the EMA weights)")
+    tr.add_argument("--steps", type=int, help="train up to this step (default: the preset's: 4000 for digits16, "
+                    "800000 for cifar10)")
+    tr.add_argument("--batch-size", type=int, help="default: the preset's (64 for digits16, 128 otherwise)")
+    tr.add_argument("--lr", type=float, help="Adam's learning rate (default: 5e-4 for digits16, 2e-4 otherwise)")
+    tr.add_argument("--warmup", type=int, help="linear learning-rate warm-up steps (default: 200 / 5000)")
+    tr.add_argument("--ema-decay", type=float, help="default: 0.999 for digits16, 0.9999 otherwise")
+    tr.add_argument("--grad-clip", type=float, help="max gradient norm, 0 for none (default: 1.0)")
+    tr.add_argument("--timesteps", type=int, help="diffusion steps T of the linear schedule (default: 1000)")
+    tr.add_argument("--seed", type=int, help="seeds the weights, the data order and the noise (default: 0)")
+    tr.add_argument("--no-flip", action="store_true", help="no random horizontal flips of --data images")
+    tr.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (default: 1000)")
+    tr.add_argument("--log-every", type=int, default=100, help="steps between loss read-outs (default: 100)")
+    tr.add_argument("--resume", action="store_true", help="continue the run whose state is beside --out")
+    tr.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1) - 1,
+                    help="processes reading --data images (default: up to 3)")
+    tr.add_argument("--device", help="cpu or cuda[:N] (default: cuda if present)")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar (shown when stderr is a terminal)")
     tr.set_defaults(func=cmd_train)
+    ex = sub.add_parser("export", help="write a checkpoint as a diffusers DDPMPipeline directory",
+                        description="Write our checkpoint (from `ddpm-fast train`) as a diffusers DDPMPipeline "
+                        "directory: unet/ (UNet2DModel), scheduler/ (DDPMScheduler with the same betas) and "
+                        "model_index.json.")
+    ex.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint file written by `ddpm-fast train`")
+    ex.add_argument("dir", metavar="DIR", help="output directory (new or empty)")
+    ex.set_defaults(func=cmd_export)
     return p
 
 

@@ -188,6 +188,8 @@ def test_suites_build_their_cases_without_diffusers(monkeypatch):
         assert all(c.op != "attention block" for c in cases)  # diffusers' Attention module
         if op == "e2e":
             assert impls == ["DDPMSampler float32", "DDPMSampler bfloat16"]
+        if op == "train":
+            assert impls == ["ours fp32 (accelerate + eps_mse)", "ours bf16 autocast (accelerate + eps_mse)"]
 
 
 @pytest.mark.slow
@@ -196,6 +198,32 @@ def test_e2e_builds_the_diffusers_rows_where_diffusers_imports():
     impls = [c.impl for c in bench.e2e.cases("e2e", CPU, True)]
     assert impls == ["diffusers DDPMPipeline fp32", "diffusers DDPMPipeline bf16 autocast", "FastDDPMScheduler",
                      "accelerate + FastDDPMScheduler", "DDPMSampler float32", "DDPMSampler bfloat16"]
+
+
+@pytest.mark.slow
+def test_train_builds_every_variant_in_one_run():
+    pytest.importorskip("diffusers")
+    cases = list(bench.train.cases("train", CPU, True))
+    assert [c.impl for c in cases] == ["eager fp32", "eager bf16 autocast", "torch.compile fp32",
+                                       "ours fp32 (accelerate + eps_mse)", "ours bf16 autocast (accelerate + eps_mse)"]
+    assert all(c.size == "b2 (CPU; paper: b128)" and c.images == 2 and c.steps == 1 for c in cases)
+    assert [c.baseline for c in cases] == [True, True, True, False, False]
+
+
+def test_training_rows_get_a_table_of_their_own(tmp_path, monkeypatch):
+    def suite(op, device, quick):
+        for impl, baseline in (("eager", True), ("ours", False)):
+            yield Case(op=op, size="b2", impl=impl, fn=lambda: None, numel=6, dtype=torch.float32, bytes=0,
+                       flops=10**9, baseline=baseline, steps=1, images=2)
+
+    monkeypatch.setattr(bench, "SUITES", {"train": suite})
+    monkeypatch.setattr(bench, "measure_floors", lambda device, quick: dict(FLOORS))
+    run(quick=True, out_dir=str(tmp_path), device="cpu", command="test", echo=lambda *_: None)
+    md = (tmp_path / "bench-cpu-quick.md").read_text()
+    assert "Training (one step per call" in md and "End to end" not in md and "| b2 | ours |" in md
+    rows = json.loads((tmp_path / "bench-cpu-quick.json").read_text())["rows"]
+    assert all(r["images_per_s_1000_steps"] == 0.0 and r["ms_per_step"] == r["median_ms"] for r in rows)
+    assert "ms/step" in readme.section(str(tmp_path / "bench-cpu-quick.json"))
 
 
 def test_try_build():

@@ -162,9 +162,9 @@ def finish_rows(rows: List[Row], floors: Dict[str, float]) -> None:
         r.tflops = r.flops / s / 1e12
         floor = floors["matmul_tflops"].get(r.dtype)
         r.frac_matmul_floor = r.tflops / floor if floor else None
-        # 0.0 on per-op rows, as result files have always had it.
+        # 0.0 on per-op rows, as result files have always had it; training rows time one step per call.
         r.ms_per_step = r.median_ms / r.steps if r.steps else 0.0
-        r.images_per_s_1000_steps = r.images / (r.ms_per_step * 1000 / 1e3) if r.steps else 0.0
+        r.images_per_s_1000_steps = r.images / (r.ms_per_step * 1000 / 1e3) if r.steps and r.op != "train" else 0.0
     for r in ok:
         r.vs = {b.impl: b.median_ms / r.median_ms for b in ok
                 if b.baseline and b.op == r.op and b.size == r.size and b is not r}
@@ -245,7 +245,7 @@ def markdown(rows: List[Row], floors: Dict[str, float], meta: Dict[str, object])
             continue
         vs = ", ".join(f"{k} {v:.2f}x" for k, v in r.vs.items())
         lines.append(f"{name} {r.median_ms:.4f} | {r.gbps:.2f} | {100 * r.frac_copy_floor:.1f}% | {vs} |")
-    e2e = [r for r in rows if r.steps]
+    e2e = [r for r in rows if r.steps and r.op != "train"]
     if e2e:
         lines += ["", f"End to end ({e2e[0].steps} steps timed per call; every one of the 1000 steps costs the same):",
                   "", "| batch | impl | dtype | ms per step | images/s (1000 steps) | MFU | vs baselines |",
@@ -258,6 +258,19 @@ def markdown(rows: List[Row], floors: Dict[str, float], meta: Dict[str, object])
             vs = ", ".join(f"{k} {v:.2f}x" for k, v in r.vs.items())
             mfu = "" if r.frac_matmul_floor is None else f"{100 * r.frac_matmul_floor:.1f}%"
             lines.append(f"{name} {r.ms_per_step:.2f} | {r.images_per_s_1000_steps:.4f} | {mfu} | {vs} |")
+    train = [r for r in rows if r.op == "train"]
+    if train:
+        lines += ["", "Training (one step per call: forward, backward and Adam; 3x the forward's FLOPs):", "",
+                  "| batch | impl | dtype | ms per step | images/s | MFU | vs baselines |",
+                  "| --- | --- | --- | ---: | ---: | ---: | --- |"]
+        for r in train:
+            name = f"| {r.size} | {r.impl}{' (baseline)' if r.baseline else ''} | {r.dtype} |"
+            if r.status != "ok":
+                lines.append(f"{name} {r.status} | | | |")
+                continue
+            vs = ", ".join(f"{k} {v:.2f}x" for k, v in r.vs.items())
+            mfu = "" if r.frac_matmul_floor is None else f"{100 * r.frac_matmul_floor:.1f}%"
+            lines.append(f"{name} {r.median_ms:.1f} | {r.images / r.median_ms * 1e3:.2f} | {mfu} | {vs} |")
     return "\n".join(lines) + "\n"
 
 

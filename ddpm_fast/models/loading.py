@@ -62,6 +62,43 @@ def config_from_diffusers(cfg: Mapping[str, Any]) -> Dict[str, Any]:
         center_input_sample=cfg.get("center_input_sample", False))
 
 
+def config_to_diffusers(config: Mapping[str, Any]) -> Dict[str, Any]:
+    """The UNet2DModel config of a DDPMUNet config: the inverse of config_from_diffusers."""
+    if not config.get("resamp_with_conv", True):
+        raise ValueError("config: resamp_with_conv=False (average-pool resampling) has no UNet2DModel equivalent")
+    ch, mult, size = config["ch"], list(config["ch_mult"]), config["image_size"]
+    attn = [size // 2**i in config["attn_resolutions"] for i in range(len(mult))]
+    return dict(
+        sample_size=size, in_channels=config["in_channels"], out_channels=config["out_channels"],
+        center_input_sample=config.get("center_input_sample", False), time_embedding_type="positional",
+        time_embedding_dim=config.get("temb_dim"), freq_shift=config.get("freq_shift", 1.0),
+        flip_sin_to_cos=config.get("flip_sin_to_cos", False),
+        down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        block_out_channels=[ch * int(m) for m in mult], layers_per_block=config["num_res_blocks"],
+        mid_block_scale_factor=config.get("mid_block_scale_factor", 1.0),
+        downsample_padding=config.get("downsample_padding", 0), dropout=config.get("dropout", 0.0), act_fn="silu",
+        attention_head_dim=config.get("attention_head_dim"), norm_num_groups=config["num_groups"],
+        norm_eps=config.get("eps", 1e-6))
+
+
+def save_diffusers(model, schedule, sampling: Mapping[str, Any], path: str) -> None:
+    """Write a diffusers DDPMPipeline directory: unet/ (UNet2DModel config + safetensors weights),
+    scheduler/ (a DDPMScheduler with these exact betas and sampling options) and model_index.json."""
+    try:
+        from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    except ImportError as e:
+        raise RuntimeError(f"exporting to diffusers needs diffusers (pip install diffusers): {e}") from None
+    unet = UNet2DModel(**config_to_diffusers(model.config))
+    unet.load_state_dict({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, strict=True)
+    variance = sampling.get("variance", "fixed_small")
+    scheduler = DDPMScheduler(num_train_timesteps=schedule.num_timesteps, trained_betas=schedule.betas.tolist(),
+                              variance_type=variance, prediction_type=sampling.get("prediction", "epsilon"),
+                              clip_sample=bool(sampling.get("clip_sample", True)),
+                              clip_sample_range=float(sampling.get("clip_range", 1.0)))
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(path)
+
+
 def read_diffusers_dir(path: str) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"unet_or_dir: {path!r} is not a directory holding config.json and weights")
