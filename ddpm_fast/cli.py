@@ -113,10 +113,15 @@ def _device_problem(device_arg: Optional[str], backend: str) -> Optional[str]:
     if backend in ("cuda", "triton"):
         status = available_backends()[backend]
         if status is not True:
-            return f"--backend {backend}: not available here ({status}); see `ddpm-fast info`, or use --backend auto"
+            needs = {"cuda": "an NVIDIA GPU and the extension built with CUDA there "
+                             "(pip install --no-build-isolation -e .)",
+                     "triton": "triton and an NVIDIA GPU, or TRITON_INTERPRET=1 on the CPU"}[backend]
+            return f"--backend {backend}: not available here ({status}); it needs {needs}, or use --backend auto"
         on_cpu = (device_arg is not None and torch.device(device_arg).type == "cpu") or not torch.cuda.is_available()
-        if backend == "cuda" and on_cpu:
-            return "--backend cuda: runs on a CUDA device, not the CPU; drop --device cpu or use --backend auto"
+        if on_cpu and (backend == "cuda" or os.environ.get("TRITON_INTERPRET") != "1"):
+            return (f"--backend {backend}: runs on a CUDA device, not the CPU"
+                    f"{' (or under TRITON_INTERPRET=1)' if backend == 'triton' else ''}; drop --device cpu or use "
+                    "--backend auto")
     return None
 
 
@@ -161,8 +166,6 @@ class _RunProgress:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from . import __version__, runs
     from .io import DEFAULT_MODEL, load_for_sampling
     from .ops import BackendUnavailableError
@@ -242,28 +245,32 @@ def cmd_sample(args: argparse.Namespace) -> int:
                                         start_index=a, progress=progress or False)
                 run.write_chunk(k, to_uint8(images).numpy())
                 computed += b - a
+            elapsed = time.perf_counter() - t0
             if rank != 0:
                 return 0
             progress.wait_for_others()
             progress.close()
             digest = run.assemble()
     except runs.Interrupted as e:
-        if progress is not None:
-            progress.close()
         if rank == 0:
             done = sum(run.has_chunk(k) for k in range(len(run.ranges)))
             print(f"ddpm-fast sample: interrupted by {e}: {done} of {len(run.ranges)} chunks are complete in "
                   f"{args.out}; run the same command again to resume", file=sys.stderr)
         return 128 + e.signum
+    except runs.ChunkError as e:  # changed on disk after it was written: not a usage error
+        print(f"ddpm-fast sample: {e}; run the same command again to compute it anew", file=sys.stderr)
+        return 1
     except (ValueError, BackendUnavailableError) as e:
         if rank == 0 and fresh:
             run.discard_if_empty(remove_out=created)
         return fail(str(e))
-    elapsed = time.perf_counter() - t0
-    before = run.done_images(todo)
-    rate = f"{computed / elapsed:.2f} images/s, {1e3 * elapsed / steps:.2f} ms per step" if computed else "nothing"
-    print(f"{args.num} images ({before} from earlier runs), {steps} steps, {world} process(es) on {device}: "
-          f"rank 0 computed {computed} ({rate}, batch {min(args.batch_size, max(computed, 1))})")
+    finally:
+        if progress is not None:
+            progress.close()
+    work = (f"rank 0 computed {computed}: {computed / elapsed:.2f} images/s, {1e3 * elapsed / steps:.2f} ms per step "
+            f"(batch {min(args.batch_size, computed)})" if computed else "nothing left to compute")
+    print(f"{args.num} images ({run.done_images(todo)} from earlier runs), {steps} steps, {world} process(es) on "
+          f"{device}: {work}")
     print(f"wrote {run.path(runs.SAMPLES)} (uint8 NHWC, sha256 {digest[:16]}...), {run.path(runs.GRID)}")
     return 0
 

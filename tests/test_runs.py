@@ -297,3 +297,22 @@ def test_cli_without_a_gpu_says_what_is_missing(tmp_path, extra):
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert lines[0].startswith(f"ddpm-fast sample: error: {extra[0]} {extra[1]}") and "GPU" in lines[0], lines
     assert not (tmp_path / "o").exists()
+
+
+def test_sampler_progress_is_a_bar_or_any_counter(capsys):
+    from ddpm_fast.io import load_for_sampling
+
+    model, schedule, options = load_for_sampling(None)
+    sampler = df.DDPMSampler(model, schedule, **options)
+    a = sampler.sample(3, seed=1, batch_size=2, num_steps=3, progress=True)
+    assert "9/9" in capsys.readouterr().err  # tqdm over image-steps
+
+    class Counter:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+    c = Counter()
+    b = sampler.sample(3, seed=1, batch_size=2, num_steps=3, progress=c)
+    assert c.n == 9 and torch.equal(a, b)
