@@ -317,6 +317,8 @@ class Run:
         """Chunk k's images, uint8 [n, H, W, C], after checking its digest, shape and dtype."""
         path = self.chunk_path(k)
         name = os.path.join(CHUNKS, os.path.basename(path))
+        if not os.path.exists(path):
+            raise ChunkError(f"{name}: missing")
         try:
             with open(self.chunk_path(k, ".sha256")) as f:
                 want = f.read().split()[0]
