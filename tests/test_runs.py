@@ -20,7 +20,8 @@ from ddpm_fast import cli, runs
 from ddpm_fast.models import DDPMUNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# One thread per process: on a busy 2-core machine, two OpenMP threads each run many times slower.
+# One thread in every process: the U-Net's CPU GEMMs round differently with another number of threads (as
+# torchrun's workers have), and on a busy 2-core machine two OpenMP threads each run many times slower.
 ENV = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
 # The embedded digits model, few steps.  Byte-identical images at another batch size need the U-Net's kernels
 # to be batch-invariant: on the CPU they are for batches of 4 and 8 (MKL's GEMM rounds the time embedding
