@@ -195,7 +195,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, TypeError) as e:
         return fail(str(e))
     T = schedule.num_timesteps
-    steps = args.steps or T
+    steps = T if args.steps is None else args.steps
     if not 1 <= steps <= T:
         return fail(f"--steps: expected an int in [1, {T}], got {steps}")
 

@@ -300,11 +300,12 @@ def test_cli_progress_shows_by_default_on_a_terminal(tmp_path):
     assert b"8/8" in seen and b"img/s" in seen, seen
 
 
-def test_cli_errors_are_one_line_and_leave_no_directory(tmp_path, gen, capsys):
+def test_cli_errors_are_one_line_and_leave_no_directory(tmp_path, capsys):
     bad_net = tmp_path / "bad.pt"  # its output does not fit its input: fails at the first step
     DDPMUNet(in_channels=1, out_channels=3, ch=16, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
              image_size=8, num_groups=4).save(str(bad_net), df.NoiseSchedule.linear(10))
     for extra, option in [(["--chunk-size", "0"], "--chunk-size"), (["--steps", "2000"], "--steps"),
+                          (["--steps", "0"], "--steps"),
                           (["--device", "tpu"], "--device"), (["--model", str(bad_net)], "model")]:
         capsys.readouterr()
         assert cli.main(["sample", "--num-images", "2", "--steps", "2", "--out", str(tmp_path / "new"), *extra]) == 2
