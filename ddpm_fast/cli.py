@@ -221,8 +221,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if rank == 0:
         try:
             todo = run.prepare(restart=args.restart)
-        except (runs.RunMismatch, OSError) as e:
-            todo = str(e) if isinstance(e, runs.RunMismatch) else f"--out: cannot write the run in {out!r} ({e})"
+        except runs.RunMismatch as e:
+            todo = str(e)
+        except (OSError, ValueError) as e:  # an unreadable run.json, a chunk we may not remove, a full disk
+            todo = f"--out: {e}; --restart starts a new run there" if isinstance(e, ValueError) else f"--out: cannot write the run in {out!r} ({e})"
     if world > 1:
         import torch.distributed as dist
 

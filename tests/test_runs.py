@@ -228,7 +228,7 @@ def test_corrupted_chunks_are_found_by_verify_and_recomputed(tmp_path, reference
     assert "samples.npz" in capsys.readouterr().out
 
 
-def test_a_resume_that_would_change_the_images_is_refused_and_changes_nothing(tmp_path, capsys, gen):
+def test_a_resume_that_would_change_the_images_is_refused_and_changes_nothing(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["sample", *RUN, "--num-images", "8", "--out", str(out), "--no-progress"]
     assert cli.main(args) == 0
@@ -317,6 +317,10 @@ def test_cli_errors_are_one_line_and_leave_no_directory(tmp_path, capsys):
     (mine / "notes.txt").write_text("keep")
     assert cli.main(["sample", "--num-images", "2", "--model", str(bad_net), "--out", str(mine)]) == 2
     assert sorted(os.listdir(mine)) == ["notes.txt"]
+    (mine / "run.json").write_text("{")
+    capsys.readouterr()
+    assert cli.main(["sample", "--num-images", "2", "--steps", "2", "--out", str(mine)]) == 2
+    assert "run.json cannot be read" in capsys.readouterr().err
     assert cli.main(["verify", str(tmp_path / "nothing")]) == 2
     assert "run.json" in capsys.readouterr().err
 
