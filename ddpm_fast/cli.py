@@ -223,8 +223,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
             todo = run.prepare(restart=args.restart)
         except runs.RunMismatch as e:
             todo = str(e)
-        except (OSError, ValueError) as e:  # an unreadable run.json, a chunk we may not remove, a full disk
-            todo = f"--out: {e}; --restart starts a new run there" if isinstance(e, ValueError) else f"--out: cannot write the run in {out!r} ({e})"
+        except ValueError as e:  # an unreadable run.json
+            todo = f"--out: {e}; --restart starts a new run there"
+        except OSError as e:  # a chunk we may not remove, a full disk
+            todo = f"--out: cannot write the run in {out!r} ({e})"
     if world > 1:
         import torch.distributed as dist
 
