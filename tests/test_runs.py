@@ -118,6 +118,11 @@ def test_chunks_are_named_by_global_indices_and_checked(tmp_path, gen):
     with pytest.raises(ValueError, match="expected uint8"):
         run.write_chunk(2, images[2].astype(np.float32))
     assert np.array_equal(run.load_chunk(1), images[1])
+    other = small_run(tmp_path)
+    other.spec["seed"] = 1
+    with pytest.raises(runs.RunMismatch, match="^--seed: seed differs") as e:
+        other.prepare()
+    assert (e.value.field, e.value.option) == ("seed", "--seed")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "flip_byte", "no_sidecar", "wrong_shape"])
