@@ -1,5 +1,5 @@
-"""ddpm-fast command line: info, sample, train, bench.  `torchrun --nproc_per_node=N -m ddpm_fast sample`
-shards the images over processes."""
+"""ddpm-fast command line: info, sample, verify, train, bench.  `torchrun --nproc_per_node=N -m ddpm_fast
+sample` deals the chunks of a run out over processes."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import sys
+import time
 from typing import List, Optional
 
 import torch
@@ -270,74 +271,208 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device_problem(device_arg: Optional[str], backend: str) -> Optional[str]:
+    """Why --device / --backend cannot run here (one line that says what to do), or None."""
+    from . import available_backends
+
+    if device_arg is not None:
+        try:
+            device = torch.device(device_arg)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            return f"--device: expected cpu or cuda[:N], got {device_arg!r}"
+        if device.type == "cuda":
+            if torch.version.cuda is None:
+                return (f"--device {device_arg}: this torch is a CPU-only build; install a CUDA build of torch "
+                        "on a machine with an NVIDIA GPU, or use --device cpu")
+            if not torch.cuda.is_available():
+                return (f"--device {device_arg}: no CUDA GPU is visible (torch.cuda.is_available() is False); "
+                        "run on a machine with an NVIDIA GPU and its driver, or use --device cpu")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                return f"--device {device_arg}: there are {torch.cuda.device_count()} GPU(s) here"
+    if backend in ("cuda", "triton"):
+        status = available_backends()[backend]
+        if status is not True:
+            needs = {"cuda": "an NVIDIA GPU and the extension built with CUDA there "
+                             "(pip install --no-build-isolation -e .)",
+                     "triton": "triton and an NVIDIA GPU, or TRITON_INTERPRET=1 on the CPU"}[backend]
+            return f"--backend {backend}: not available here ({status}); it needs {needs}, or use --backend auto"
+        on_cpu = (device_arg is not None and torch.device(device_arg).type == "cpu") or not torch.cuda.is_available()
+        if on_cpu and (backend == "cuda" or os.environ.get("TRITON_INTERPRET") != "1"):
+            return (f"--backend {backend}: runs on a CUDA device, not the CPU"
+                    f"{' (or under TRITON_INTERPRET=1)' if backend == 'triton' else ''}; drop --device cpu or use "
+                    "--backend auto")
+    return None
+
+
+class _RunProgress:
+    """One bar per run on rank 0, over images x steps shown as images: it starts at the chunks done
+    before, counts this process's steps as they happen and other processes' chunks as they land."""
+
+    def __init__(self, run, todo: List[int], mine: List[int], steps: int, enabled: bool):
+        self.run, self.steps, self.bar, self.polled = run, steps, None, 0.0
+        self.others = [k for k in todo if k not in set(mine)]
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:  # tqdm is optional: no bar, the run is the same
+                return
+            self.bar = tqdm(total=run.spec["num_images"] * steps, initial=run.done_images(todo) * steps, unit="img",
+                            unit_scale=1 / steps, dynamic_ncols=True, smoothing=0.1,
+                            bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}, {rate_fmt}]")
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+        if self.others and time.monotonic() - self.polled > 1.0:
+            self.poll()
+
+    def poll(self) -> None:
+        self.polled = time.monotonic()
+        landed = [k for k in self.others if self.run.has_chunk(k)]
+        for k in landed:
+            a, b = self.run.ranges[k]
+            self.update((b - a) * self.steps)
+        self.others = [k for k in self.others if k not in set(landed)]
+
+    def wait_for_others(self) -> None:
+        while self.others:
+            time.sleep(0.2)
+            self.poll()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
-    import time
-
-    import numpy as np
-
-    from .io import image_grid, load_for_sampling, save_png
+    from . import __version__, runs
+    from .io import DEFAULT_MODEL, load_for_sampling
+    from .ops import BackendUnavailableError
     from .sampler import DDPMSampler, to_uint8
 
     def fail(msg: str) -> int:
         print(f"ddpm-fast sample: error: {msg}", file=sys.stderr)
         return 2
 
-    if args.num <= 0:
-        return fail(f"--num-images: expected a positive number of images, got {args.num}")
-    if args.batch_size <= 0:
-        return fail(f"--batch-size: expected a positive int, got {args.batch_size}")
-    try:
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        return fail(f"--out: cannot create {args.out!r} ({e.strerror})")
-    if not os.access(args.out, os.W_OK):
-        return fail(f"--out: {args.out!r} is not writable")
+    for name, value in (("--num-images", args.num), ("--batch-size", args.batch_size),
+                        ("--chunk-size", args.chunk_size)):
+        if value <= 0:
+            return fail(f"{name}: expected a positive int, got {value}")
+    problem = _device_problem(args.device, args.backend)
+    if problem:
+        return fail(problem)
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        return fail(f"--out: {args.out!r} exists and is not a directory")
+    existing = out
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK):
+        return fail(f"--out: cannot write to {existing!r}")
     try:
         model, schedule, options = load_for_sampling(args.model)
     except (FileNotFoundError, ValueError, TypeError) as e:
         return fail(str(e))
+    T = schedule.num_timesteps
+    steps = T if args.steps is None else args.steps
+    if not 1 <= steps <= T:
+        return fail(f"--steps: expected an int in [1, {T}], got {steps}")
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    model = model.to(device)
     try:
-        sampler = DDPMSampler(model, schedule, backend=args.backend, dtype=args.dtype, device=device,
+        sampler = DDPMSampler(model.to(device), schedule, backend=args.backend, dtype=args.dtype, device=device,
                               cuda_graphs=False if args.no_graphs else None, **options)
-        # Contiguous shards of the global indices: image i is the same whichever rank draws it.
-        per = -(-args.num // world)
-        start, count = rank * per, max(0, min(per, args.num - rank * per))
-        steps = args.steps or schedule.num_timesteps
-        t0 = time.perf_counter()
-        images = sampler.sample(count, seed=args.seed, batch_size=args.batch_size, num_steps=args.steps,
-                                start_index=start, progress=args.progress) if count else None
-        elapsed = time.perf_counter() - t0
     except ValueError as e:
         return fail(str(e))
-    shard = to_uint8(images) if images is not None else None
+    run = runs.Run(out, runs.manifest(
+        model_path=args.model or DEFAULT_MODEL, seed=args.seed, steps=steps, schedule=schedule,
+        sampling=sampler.options, dtype=str(sampler.dtype).replace("torch.", ""), sample_shape=sampler.default_shape,
+        num_images=args.num, chunk_size=args.chunk_size, version=__version__))
+
+    # Rank 0 checks or starts the run in out and deals out the chunks still missing; the process group
+    # lives only for that: afterwards each process writes its own chunks and rank 0 watches them land.
+    created, fresh = not os.path.exists(out), not os.path.exists(os.path.join(out, runs.MANIFEST))
+    todo = None
+    if rank == 0:
+        try:
+            todo = run.prepare(restart=args.restart)
+        except runs.RunMismatch as e:
+            todo = str(e)
+        except ValueError as e:  # an unreadable run.json
+            todo = f"--out: {e}; --restart starts a new run there"
+        except OSError as e:  # a chunk we may not remove, a full disk
+            todo = f"--out: cannot write the run in {out!r} ({e})"
     if world > 1:
         import torch.distributed as dist
 
-        shards = [None] * world
-        dist.all_gather_object(shards, shard)
+        dist.init_process_group("gloo")
+        box = [todo]
+        dist.broadcast_object_list(box, src=0)
         dist.destroy_process_group()
-        if rank != 0:
-            return 0
-        shard = torch.cat([s for s in shards if s is not None])
-    np.savez(os.path.join(args.out, "samples.npz"), shard.numpy())
-    grid_path = os.path.join(args.out, "grid.png")
-    save_png(image_grid(shard[:64]), grid_path, scale=max(1, 512 // (shard.shape[1] * 8)))
-    ms_per_step = 1e3 * elapsed / steps
-    print(f"{args.num} images, {steps} steps, {world} process(es) on {device}: {count / elapsed:.2f} images/s per "
-          f"process, {ms_per_step:.2f} ms per step (batch {min(args.batch_size, max(count, 1))})")
-    print(f"wrote {os.path.join(args.out, 'samples.npz')} (uint8 NHWC) and {grid_path}")
+        todo = box[0]
+    if isinstance(todo, str):
+        return fail(todo) if rank == 0 else 2
+    mine = todo[rank::world]
+    show = args.progress if args.progress is not None else sys.stderr.isatty()
+    progress = _RunProgress(run, todo, mine, steps, enabled=show and rank == 0) if rank == 0 else None
+    computed, t0 = 0, time.perf_counter()
+    try:
+        with runs.interruptible():
+            for k in mine:
+                a, b = run.ranges[k]
+                images = sampler.sample(b - a, seed=args.seed, batch_size=args.batch_size, num_steps=steps,
+                                        start_index=a, progress=progress or False)
+                run.write_chunk(k, to_uint8(images).numpy())
+                computed += b - a
+            elapsed = time.perf_counter() - t0
+            if rank != 0:
+                return 0
+            progress.wait_for_others()
+            progress.close()
+            digest = run.assemble()
+    except runs.Interrupted as e:
+        if rank == 0:
+            done = sum(run.has_chunk(k) for k in range(len(run.ranges)))
+            print(f"ddpm-fast sample: interrupted by {e}: {done} of {len(run.ranges)} chunks are complete in "
+                  f"{args.out}; run the same command again to resume", file=sys.stderr)
+        return 128 + e.signum
+    except runs.ChunkError as e:  # changed on disk after it was written: not a usage error
+        print(f"ddpm-fast sample: {e}; run the same command again to compute it anew", file=sys.stderr)
+        return 1
+    except (ValueError, BackendUnavailableError) as e:
+        if rank == 0 and fresh:
+            run.discard_if_empty(remove_out=created)
+        return fail(str(e))
+    finally:
+        if progress is not None:
+            progress.close()
+    work = (f"rank 0 computed {computed}: {computed / elapsed:.2f} images/s, {1e3 * elapsed / steps:.2f} ms per step "
+            f"(batch {min(args.batch_size, computed)})" if computed else "nothing left to compute")
+    print(f"{args.num} images ({run.done_images(todo)} from earlier runs), {steps} steps, {world} process(es) on "
+          f"{device}: {work}")
+    print(f"wrote {run.path(runs.SAMPLES)} (uint8 NHWC, sha256 {digest[:16]}...), {run.path(runs.GRID)}")
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from . import runs
+
+    try:
+        checked, problems = runs.verify(args.dir, check_model=not args.skip_model)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"ddpm-fast verify: error: {e}", file=sys.stderr)
+        return 2
+    for line in checked:
+        print(f"ok: {line}")
+    for line in problems:
+        print(f"FAILED: {line}")
+    return 1 if problems else 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -362,13 +497,26 @@ def parser() -> argparse.ArgumentParser:
     sa.add_argument("--batch-size", type=int, default=64)
     sa.add_argument("--steps", type=int, help="respace to this many steps (default: all)")
     sa.add_argument("--seed", type=int, default=0)
-    sa.add_argument("--out", default="samples", help="directory for samples.npz and grid.png")
+    sa.add_argument("--out", default="samples", help="directory of the run: run.json, chunks/, then samples.npz, "
+                    "samples.sha256 and grid.png; running the same command again resumes it")
+    sa.add_argument("--chunk-size", type=int, default=1000, help="images per chunk file (default 1000)")
+    sa.add_argument("--restart", action="store_true", help="discard the chunks already in --out and start again")
     sa.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     sa.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "cuda", "triton"])
     sa.add_argument("--device", help="cpu or cuda[:N] (default: cuda if present)")
     sa.add_argument("--no-graphs", action="store_true", help="do not capture CUDA graphs")
-    sa.add_argument("--progress", action="store_true", help="show a progress bar")
+    bar = sa.add_mutually_exclusive_group()
+    bar.add_argument("--progress", action="store_true", default=None,
+                     help="show a progress bar (the default when stderr is a terminal)")
+    bar.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     sa.set_defaults(func=cmd_sample)
+    ve = sub.add_parser("verify", help="re-check a sampling run's chunks and samples.npz against its run.json",
+                        description="Re-check a `ddpm-fast sample` run: each chunk against its sha256 and the "
+                        "manifest, samples.npz against samples.sha256 and the chunks, and the model's weights "
+                        "against their recorded sha256. Exit status 1 when something does not match.")
+    ve.add_argument("dir", help="the --out directory of the run")
+    ve.add_argument("--skip-model", action="store_true", help="do not re-hash the model's weights")
+    ve.set_defaults(func=cmd_verify)
     tr = sub.add_parser("train", help="train a DDPM U-Net on a folder of images (default: the embedded digits)",
                         description="Train a DDPM U-Net (fused q_sample + loss, Philox noise). Writes the EMA "
                         "weights to --out and the training state beside it (FILE.state.pt) every "

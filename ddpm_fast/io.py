@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Optional, Tuple
+from typing import BinaryIO, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -57,10 +57,11 @@ def image_grid(images_uint8: torch.Tensor, nrow: Optional[int] = None, pad: int 
     return grid
 
 
-def save_png(grid: np.ndarray, path: str, scale: int = 1) -> None:
+def save_png(grid: np.ndarray, path: Union[str, BinaryIO], scale: int = 1) -> None:
+    """Write a grid as PNG to a path or a binary file object."""
     from PIL import Image
 
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    img.save(path)
+    img.save(path, format="PNG")

@@ -126,7 +126,8 @@ class DDPMSampler:
                num_steps: Optional[int] = None, sample_shape: Optional[Sequence[int]] = None, start_index: int = 0,
                progress: bool = False) -> torch.Tensor:
         """Images start_index .. start_index + num_images - 1 of the run ``seed``, as float32 [N, C, H, W]
-        on the CPU (clamped to [-1, 1] when clip_sample is on)."""
+        on the CPU (clamped to [-1, 1] when clip_sample is on).  ``progress``: True for a tqdm bar over
+        image-steps, or an object whose update(n) is called with the batch size after each step."""
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images <= 0:
             raise ValueError(f"num_images: expected a positive int, got {num_images!r}")
         shape = tuple(sample_shape) if sample_shape is not None else self.default_shape
@@ -138,12 +139,14 @@ class DDPMSampler:
         sched, ts = self._plan(num_steps)
         tables = sched.to(self.device)  # built once: no host copy per step
         t_model = torch.tensor(ts, dtype=torch.long, device=self.device)
-        bar = None
-        if progress:
+        bar, own_bar = None, False
+        if hasattr(progress, "update"):
+            bar = progress
+        elif progress:
             try:
                 from tqdm import tqdm
 
-                bar = tqdm(total=num_images * len(ts), unit="img-step")
+                bar, own_bar = tqdm(total=num_images * len(ts), unit="img-step"), True
             except ImportError:
                 pass
         out = []
@@ -158,7 +161,7 @@ class DDPMSampler:
             else:
                 x = self._run_eager(x, tables, t_model, seed, i0, bar)
             out.append(x.float().cpu())
-        if bar is not None:
+        if own_bar:
             bar.close()
         images = torch.cat(out)
         return images.clamp(-1, 1) if self.options["clip_sample"] else images
