@@ -42,6 +42,9 @@ namespace ddpm_fast {
 namespace {
 
 constexpr int kChunk = 64;
+
+// Inlined into the DF_CPU_CLONES functions that call it, compiled there for each clone's ISA.
+#define DF_INLINE __attribute__((always_inline)) inline
 constexpr int64_t kValuesPerThread = 32768;
 
 // s1 += sum d, s2 += sum d^2 over d = (v - px) + shift: v - px is exact for values near the pivot.
@@ -268,21 +271,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cpu(
 }
 
 // ------------------------------------------------------------------------------ backward
-// dz = dy act'(z) at xhat (group_norm.h); silu is loop-invariant, so GCC unswitches the loops.
-inline float grad_z(float dy, float xh, float W, float Bc, bool silu) {
-  if (!silu) return dy;
-  const float z = xh * W + Bc;
-  return gn_silu_grad(dy, z, 1.0f / (1.0f + cpu::exp_poly(-z)));
+// dz = dy act'(z) at xhat (group_norm.h).  The loops below are instantiated per kSilu and inlined
+// into each DF_CPU_CLONES entry point, so every variant vectorises without a branch inside.
+template <bool kSilu>
+DF_INLINE float grad_z(float dy, float xh, float W, float Bc) {
+  if constexpr (!kSilu) {
+    return dy;
+  } else {
+    const float z = xh * W + Bc;
+    return gn_silu_grad(dy, z, 1.0f / (1.0f + cpu::exp_poly(-z)));
+  }
 }
 
 // s[0..3) += S1, S2, S3 over one NCHW row (one channel); px is the group's pivot x.
-DF_CPU_CLONES void bwd_sums_row(const float* x, const float* dy, int64_t n, float px, float centre, float rstd,
-                                GnChannel ch, bool silu, float* s) {
+template <bool kSilu>
+DF_INLINE void sums_row(const float* x, const float* dy, int64_t n, float px, float centre, float rstd, GnChannel ch,
+                        float* s) {
   float a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
 #pragma omp simd reduction(+ : a1, a2, a3)
   for (int64_t i = 0; i < n; ++i) {
     const float xh = gn_xhat(x[i], px, centre, rstd);
-    const float gz = grad_z(dy[i], xh, ch.W, ch.Bc, silu);
+    const float gz = grad_z<kSilu>(dy[i], xh, ch.W, ch.Bc);
     a1 += gz;
     a2 += gz * xh;
     a3 += xh;
@@ -292,13 +301,25 @@ DF_CPU_CLONES void bwd_sums_row(const float* x, const float* dy, int64_t n, floa
   s[2] += a3;
 }
 
-DF_CPU_CLONES void bwd_dx_row(const float* x, const float* dy, float* dx, int64_t n, float px, float centre,
-                              float rstd, GnChannel ch, float m1, float m2, bool silu) {
+DF_CPU_CLONES void bwd_sums_row(const float* x, const float* dy, int64_t n, float px, float centre, float rstd,
+                                GnChannel ch, bool silu, float* s) {
+  silu ? sums_row<true>(x, dy, n, px, centre, rstd, ch, s) : sums_row<false>(x, dy, n, px, centre, rstd, ch, s);
+}
+
+template <bool kSilu>
+DF_INLINE void dx_row(const float* x, const float* dy, float* dx, int64_t n, float px, float centre, float rstd,
+                      GnChannel ch, float m1, float m2) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const float xh = gn_xhat(x[i], px, centre, rstd);
-    dx[i] = gn_dx(grad_z(dy[i], xh, ch.W, ch.Bc, silu), xh, ch.W, rstd, m1, m2);
+    dx[i] = gn_dx(grad_z<kSilu>(dy[i], xh, ch.W, ch.Bc), xh, ch.W, rstd, m1, m2);
   }
+}
+
+DF_CPU_CLONES void bwd_dx_row(const float* x, const float* dy, float* dx, int64_t n, float px, float centre,
+                              float rstd, GnChannel ch, float m1, float m2, bool silu) {
+  silu ? dx_row<true>(x, dy, dx, n, px, centre, rstd, ch, m1, m2)
+       : dx_row<false>(x, dy, dx, n, px, centre, rstd, ch, m1, m2);
 }
 
 // One sample's coefficients per channel, for channels_last rows of C channels.
@@ -306,24 +327,34 @@ struct GnColumns {
   const float *px, *rstd, *centre, *W, *Bc, *m1, *m2;
 };
 
-DF_CPU_CLONES void bwd_sums_cols(const float* x, const float* dy, int64_t C, GnColumns k, bool silu, float* s1,
-                                 float* s2, float* s3) {
+template <bool kSilu>
+DF_INLINE void sums_cols(const float* x, const float* dy, int64_t C, GnColumns k, float* s1, float* s2, float* s3) {
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
     const float xh = gn_xhat(x[c], k.px[c], k.centre[c], k.rstd[c]);
-    const float gz = grad_z(dy[c], xh, k.W[c], k.Bc[c], silu);
+    const float gz = grad_z<kSilu>(dy[c], xh, k.W[c], k.Bc[c]);
     s1[c] += gz;
     s2[c] += gz * xh;
     s3[c] += xh;
   }
 }
 
-DF_CPU_CLONES void bwd_dx_cols(const float* x, const float* dy, float* dx, int64_t C, GnColumns k, bool silu) {
+DF_CPU_CLONES void bwd_sums_cols(const float* x, const float* dy, int64_t C, GnColumns k, bool silu, float* s1,
+                                 float* s2, float* s3) {
+  silu ? sums_cols<true>(x, dy, C, k, s1, s2, s3) : sums_cols<false>(x, dy, C, k, s1, s2, s3);
+}
+
+template <bool kSilu>
+DF_INLINE void dx_cols(const float* x, const float* dy, float* dx, int64_t C, GnColumns k) {
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
     const float xh = gn_xhat(x[c], k.px[c], k.centre[c], k.rstd[c]);
-    dx[c] = gn_dx(grad_z(dy[c], xh, k.W[c], k.Bc[c], silu), xh, k.W[c], k.rstd[c], k.m1[c], k.m2[c]);
+    dx[c] = gn_dx(grad_z<kSilu>(dy[c], xh, k.W[c], k.Bc[c]), xh, k.W[c], k.rstd[c], k.m1[c], k.m2[c]);
   }
+}
+
+DF_CPU_CLONES void bwd_dx_cols(const float* x, const float* dy, float* dx, int64_t C, GnColumns k, bool silu) {
+  silu ? dx_cols<true>(x, dy, dx, C, k) : dx_cols<false>(x, dy, dx, C, k);
 }
 
 // Calls f(x values, dy values, count, first index) over [0, n) as fp32: in one piece for fp32, else
