@@ -24,7 +24,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "ddpm_fast/group_norm.h"
@@ -503,8 +502,8 @@ std::tuple<at::Tensor, at::Tensor> group_norm_backward_cpu(
       group_norm_params(x, num_groups, weight, bias, 1.0, add, scale, shift, silu, channels_last);
   check_group_norm_backward(dy, x, mean, rstd, num_groups, channels_last);
   at::Tensor dx = at::empty_like(x, format_of(channels_last));
-  at::Tensor sums = at::zeros({3, a.B, a.C}, x.options().dtype(at::kFloat));
-  if (x.numel() == 0) return {dx, sums};
+  at::Tensor sums = at::empty({3, a.B, a.C}, x.options().dtype(at::kFloat));
+  if (x.numel() == 0) return {dx, sums.zero_()};
   DDPM_FAST_DISPATCH_KERNEL_TYPES(x.scalar_type(), "group_norm_backward_cpu", [&] {
     auto kernel = channels_last ? gn_backward_channels_last<scalar_t> : gn_backward_nchw<scalar_t>;
     kernel(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), sums.data_ptr<float>(),

@@ -176,10 +176,10 @@ def group_norm(x: torch.Tensor, num_groups: int, weight, bias, eps: float, add, 
     B, C, HW, CG, stride_c, stride_hw, BLOCK_C = _geometry(x, num_groups, channels_last)
     G = num_groups
     y = torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    mean = torch.zeros((B, G), dtype=torch.float32, device=x.device)
-    rstd = torch.zeros_like(mean)
+    mean = torch.empty((B, G), dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
     if x.numel() == 0:
-        return y, mean, rstd
+        return y, mean.zero_(), rstd.zero_()
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_ADD=add is not None,
                  HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=bool(silu))
     ptrs = [t if t is not None else x for t in (weight, bias, add, scale, shift)]
@@ -346,9 +346,9 @@ def group_norm_backward(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, r
     B, C, HW, CG, stride_c, stride_hw, BLOCK_C = _geometry(x, num_groups, channels_last)
     G = num_groups
     dx = torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    sums = torch.zeros((3, B, C), dtype=torch.float32, device=x.device)
+    sums = torch.empty((3, B, C), dtype=torch.float32, device=x.device)
     if x.numel() == 0:
-        return dx, sums
+        return dx, sums.zero_()
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_ADD=add is not None,
                  HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=bool(silu))
     ptrs = [t if t is not None else x for t in (weight, bias, add, scale, shift)]
