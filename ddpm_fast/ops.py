@@ -372,11 +372,12 @@ def group_norm_param_grads(sums: torch.Tensor, rstd: torch.Tensor, num_groups: i
         dscale = dscale if b is None else dscale + S1 * b
     dadd = None
     if need_add:
-        ws1 = (s1 if w is None else s1 * w).reshape(B, num_groups, -1)
-        ws2 = (s2 if w is None else s2 * w).reshape(B, num_groups, -1)
-        n = hw * ws1.shape[-1]
+        cg = C // num_groups
+        ws1 = (s1 if w is None else s1 * w).reshape(B, num_groups, cg)
+        ws2 = (s2 if w is None else s2 * w).reshape(B, num_groups, cg)
+        n = max(hw * cg, 1)
         m1, m2 = ws1.sum(-1, keepdim=True) / n, ws2.sum(-1, keepdim=True) / n
-        dadd = (rstd[..., None] * (ws1 - hw * m1 - m2 * S3.reshape(B, num_groups, -1))).reshape(B, C)
+        dadd = (rstd[..., None] * (ws1 - hw * m1 - m2 * S3.reshape(B, num_groups, cg))).reshape(B, C)
     return dw, db, dadd, dscale, S1 if need_shift else None
 
 

@@ -96,6 +96,17 @@ def test_kernel_backward_large_mean_and_3d(backend, fmt, gen, poison):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 8, 4, 4), (2, 8, 0, 4)], ids=["no-samples", "no-positions"])
+def test_kernel_backward_empty(backend, shape, gen, poison):
+    """Empty inputs: empty gradients for x and add, zeros for the parameters."""
+    dev = backend_device(backend)
+    p = make_inputs(shape, 4, ("add", "scale", "shift"), True, gen, torch.float32, dev)
+    _, got = grads(p, 4, torch.empty(shape, device=dev), True, backend)
+    for k, g in got.items():
+        assert g.shape == p[k].shape and torch.equal(g, torch.zeros_like(g)), k
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_kernel_backward_row_slices(backend, gen, poison):
     """A batch-1 map big enough that the CPU kernel splits its rows over threads and Triton takes
     its split path."""
