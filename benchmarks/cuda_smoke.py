@@ -53,13 +53,20 @@ def main() -> int:
                 x = torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=fmt)
                 w, b = torch.randn(C, device="cuda"), torch.randn(C, device="cuda")
                 add, sc, sh = (torch.randn(B, C, device="cuda") for _ in range(3))
+                leaves = [t.requires_grad_() for t in (x, w, b, add, sc, sh)]
                 y = df.group_norm(x, groups, w, b, add=add, scale=sc, shift=sh, silu=True, backend="cuda")
-                ref = df.reference.group_norm(x.double(), groups, w.double(), b.double(), add=add.double(),
-                                              scale=sc.double(), shift=sh.double(), silu=True)
+                dy = torch.randn_like(y)
+                grads = torch.autograd.grad(y, leaves, dy)  # the backward kernels
+                ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+                rx, rw, rb, ra, rs, rh = ref_leaves
+                ref = df.reference.group_norm(rx, groups, rw, rb, add=ra, scale=rs, shift=rh, silu=True)
+                ref_grads = torch.autograd.grad(ref, ref_leaves, dy.double())
                 err = ((y.double() - ref).norm() / ref.norm()).item()
-                ok = err < (1e-5 if dtype == torch.float32 else 1e-2)
+                gerr = max(((g.double() - r).norm() / r.norm()).item() for g, r in zip(grads, ref_grads))
+                ok = max(err, gerr) < (1e-5 if dtype == torch.float32 else 1e-2)
                 failures += not ok
-                print(f"group_norm {dtype} {tuple(shape)} G={groups} {fmt}: rel err {err:.1e} {'ok' if ok else 'FAIL'}")
+                print(f"group_norm fwd/bwd {dtype} {tuple(shape)} G={groups} {fmt}: rel err {err:.1e} / {gerr:.1e} "
+                      f"{'ok' if ok else 'FAIL'}")
     for dtype in (torch.float16, torch.bfloat16):
         for (Lq, Lk, d) in ((70, 45, 33), (64, 64, 64), (17, 100, 256), (5, 1, 128)):  # tails, odd d, every D
             q = torch.randn(2, 3, Lq, d, device="cuda")

@@ -20,7 +20,9 @@ else:
         IMPORT_ERROR = str(e)
 
 if _C is not None:
-    from . import _ops_meta  # noqa: F401  (fake kernels for torch.compile)
+    from . import _ops_meta
+
+    _ops_meta.register_extension_fakes()  # fake kernels for torch.compile
 
 
 def cpu_status():

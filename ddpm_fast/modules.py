@@ -86,7 +86,9 @@ def fused_attention_block(x: torch.Tensor, norm: nn.GroupNorm, q: nn.Linear, k: 
 class FusedAttnProcessor:
     """A diffusers attention processor running fused_attention_block for the U-Net's spatial
     self-attention (4-D input, no encoder states, no mask, a group norm); anything else, and any
-    call that needs autograd, goes to diffusers' own AttnProcessor2_0."""
+    call that needs autograd, goes to diffusers' own AttnProcessor2_0.  In training that is torch's
+    scaled_dot_product_attention and its backward (our attention kernels are forward-only), with
+    the block's GroupNorm on our kernels once accelerate() has made it a FusedGroupNorm."""
 
     def __init__(self):
         from diffusers.models.attention_processor import AttnProcessor2_0
@@ -147,7 +149,11 @@ def accelerate(model: nn.Module) -> nn.Module:
       norm2; conv_norm_out + conv_act become one FusedGroupNormSiLU.  The SiLU module the block
       also applies to the time embedding is kept for that.  Every Attention module gets a
       FusedAttnProcessor (set_processor), which honours residual_connection,
-      rescale_output_factor and the group norm.
+      rescale_output_factor and the group norm, and its group norm becomes a FusedGroupNorm.
+
+    Training runs the kernels too: the GroupNorm kernels have a backward, so with autograd on
+    the patched model computes its norms (and their SiLU, add and scale-shift) and their gradients
+    with them; attention then runs torch's scaled_dot_product_attention, whose backward serves.
     """
     from .models import DDPMUNet
 
@@ -171,6 +177,8 @@ def accelerate(model: nn.Module) -> nn.Module:
     for m in model.modules():
         if isinstance(m, Attention) and not isinstance(m.processor, FusedAttnProcessor):
             m.set_processor(FusedAttnProcessor())
+        if isinstance(m, Attention) and type(m.group_norm) is nn.GroupNorm:
+            m.group_norm = FusedGroupNorm.wrap(m.group_norm)
     if isinstance(getattr(model, "conv_norm_out", None), nn.GroupNorm) and not isinstance(
             model.conv_norm_out, FusedGroupNorm) and _is_silu(getattr(model, "conv_act", None)):
         model.conv_norm_out = FusedGroupNormSiLU.wrap(model.conv_norm_out)

@@ -2,8 +2,9 @@
 
 backend="auto" picks the CUDA extension for CUDA tensors (else Triton), the C++ CPU
 extension for CPU tensors, and the reference wherever an op has no kernel yet or the
-input is float64.  Naming a backend that cannot run the call raises BackendUnavailableError
-saying why.  Backends never call each other.
+input is float64.  Where autograd needs a graph, ops whose kernels have a backward
+(DIFFERENTIABLE) keep their kernels; the others run the reference.  Naming a backend that
+cannot run the call raises BackendUnavailableError saying why.  Backends never call each other.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,10 @@ KERNELS = {
     # Triton first: it also takes fp32, and it is the path the test suite proves on every machine.
     "attention": ("triton", "cuda"),
 }
+
+
+# Ops whose kernels have a backward (registered with torch.library.register_autograd below).
+DIFFERENTIABLE = ("group_norm",)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -70,10 +75,11 @@ def _needs_grad(*tensors) -> bool:
 
 
 def pick_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype, grad: bool = False) -> str:
-    """The backend that runs this call.  Kernels are forward-only: where autograd needs a graph
-    (``grad``), "auto" runs the reference, which is plain differentiable PyTorch."""
+    """The backend that runs this call.  Where autograd needs a graph (``grad``), an op outside
+    DIFFERENTIABLE runs the reference, which is plain differentiable PyTorch."""
     _checks.choice(backend, "backend", BACKENDS)
     kernels = KERNELS[op]
+    grad = grad and op not in DIFFERENTIABLE
     if backend == "auto":
         if dtype == torch.float64 or grad:
             return "reference"
@@ -304,20 +310,94 @@ def group_norm(
     silu: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """y = act(GroupNorm(x + add) * (1 + scale) + shift) (see ddpm_fast.reference.group_norm)."""
+    """y = act(GroupNorm(x + add) * (1 + scale) + shift) (see ddpm_fast.reference.group_norm).
+
+    Differentiable in x, weight, bias, add, scale and shift on every backend: the kernels save the
+    group statistics (float32 mean and rstd [B, G]) and their backward recomputes the rest."""
     check_group_norm(x, num_groups, weight, bias, eps, add, scale, shift)
     which = pick_backend("group_norm", backend, x.device, x.dtype,
                          _needs_grad(x, weight, bias, add, scale, shift))
     if which == "reference":
         return group_norm_math(x, num_groups, weight, bias, eps, add, scale, shift, silu)
     x, channels_last = _layout(x)
-    params = [None if p is None else p.to(torch.float32).contiguous() for p in (weight, bias, add, scale, shift)]
-    if which == "triton":
-        from .triton.group_norm import group_norm as kernel
-    else:
-        kernel = torch.ops.ddpm_fast.group_norm
-    w, b, a, sc, sh = params
-    return kernel(x, num_groups, w, b, float(eps), a, sc, sh, bool(silu), channels_last)
+    # The kernels read float32 parameters; .to() carries their gradients back to the callers' dtypes.
+    w, b, a, sc, sh = (None if p is None else p.to(torch.float32).contiguous()
+                       for p in (weight, bias, add, scale, shift))
+    kernel = _triton_group_norm_op() if which == "triton" else torch.ops.ddpm_fast.group_norm
+    return kernel(x, num_groups, w, b, float(eps), a, sc, sh, bool(silu), channels_last)[0]
+
+
+def _gn_setup_context(ctx, inputs, output):
+    x, num_groups, w, b, _eps, add, scale, shift, silu, channels_last = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, w, b, add, scale, shift, mean, rstd)
+    ctx.num_groups, ctx.silu, ctx.channels_last = num_groups, silu, channels_last
+    ctx.hw = math.prod(x.shape[2:])
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _gn_backward_with(backward_op):
+    """The autograd backward of a group_norm kernel op over its backend's backward op."""
+
+    def backward(ctx, dy, _dmean, _drstd):
+        x, w, b, add, scale, shift, mean, rstd = ctx.saved_tensors
+        fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
+        dy = dy.to(x.dtype).contiguous(memory_format=fmt)
+        dx, sums = backward_op(dy, x, mean, rstd, ctx.num_groups, w, b, add, scale, shift, ctx.silu,
+                               ctx.channels_last)
+        need = ctx.needs_input_grad
+        dw, db, dadd, dscale, dshift = group_norm_param_grads(sums, rstd, ctx.num_groups, ctx.hw, w, b, scale,
+                                                              need[2], need[3], need[5], need[6], need[7])
+        return dx if need[0] else None, None, dw, db, None, dadd, dscale, dshift, None, None
+
+    return backward
+
+
+def group_norm_param_grads(sums: torch.Tensor, rstd: torch.Tensor, num_groups: int, hw: int,
+                           w: Optional[torch.Tensor], b: Optional[torch.Tensor], scale: Optional[torch.Tensor],
+                           need_w: bool, need_b: bool, need_add: bool, need_scale: bool, need_shift: bool
+                           ) -> Tuple[Optional[torch.Tensor], ...]:
+    """(dweight, dbias, dadd, dscale, dshift) from a group_norm backward kernel's per (sample,
+    channel) sums [3, B, C] (S1 = sum dz, S2 = sum dz xhat, S3 = sum xhat; formulas in
+    csrc/include/ddpm_fast/group_norm.h): [B, C]-sized work, None where not needed."""
+    S1, S2, S3 = sums.unbind(0)
+    B, C = S1.shape
+    s1 = S1 if scale is None else S1 * (1 + scale)
+    s2 = S2 if scale is None else S2 * (1 + scale)
+    dw = s2.sum(0) if need_w else None
+    db = s1.sum(0) if need_b else None
+    dscale = None
+    if need_scale:
+        dscale = S2 if w is None else S2 * w
+        dscale = dscale if b is None else dscale + S1 * b
+    dadd = None
+    if need_add:
+        cg = C // num_groups
+        ws1 = (s1 if w is None else s1 * w).reshape(B, num_groups, cg)
+        ws2 = (s2 if w is None else s2 * w).reshape(B, num_groups, cg)
+        n = max(hw * cg, 1)
+        m1, m2 = ws1.sum(-1, keepdim=True) / n, ws2.sum(-1, keepdim=True) / n
+        dadd = (rstd[..., None] * (ws1 - hw * m1 - m2 * S3.reshape(B, num_groups, cg))).reshape(B, C)
+    return dw, db, dadd, dscale, S1 if need_shift else None
+
+
+if _ext._C is not None:
+    torch.library.register_autograd("ddpm_fast::group_norm", _gn_backward_with(torch.ops.ddpm_fast.group_norm_backward),
+                                    setup_context=_gn_setup_context)
+
+_TRITON_GN = None
+
+
+def _triton_group_norm_op():
+    """ddpm_fast_triton::group_norm (ddpm_fast/triton/group_norm.py), its autograd registered on first use."""
+    global _TRITON_GN
+    if _TRITON_GN is None:
+        from .triton import group_norm as tri
+
+        tri.group_norm_op.register_autograd(_gn_backward_with(tri.group_norm_backward_op),
+                                            setup_context=_gn_setup_context)
+        _TRITON_GN = tri.group_norm_op
+    return _TRITON_GN
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,

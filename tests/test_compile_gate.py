@@ -23,10 +23,12 @@ def test_plans_cover_every_constexpr_combination():
                 for p in plans if p.op == "q_sample"}
     assert len(q_sample) == 3 * 2 * 3 * 2
     gn = [p.args for p in plans if p.op == "group_norm"]
-    for flag in ("weight", "bias", "add", "scale", "shift", "silu"):
-        for dtype in gate.DTYPES:
-            assert {(a["layout"], a["split"]) for a in gn if a.get(flag) and a["dtype"] == dtype} == \
-                {(lay, s) for lay in ("nchw", "channels_last") for s in (1, 4)}
+    for op in ("group_norm", "group_norm_backward"):
+        for flag in ("weight", "bias", "add", "scale", "shift", "silu"):
+            for dtype in gate.DTYPES:
+                assert {(p.args["layout"], p.args["split"]) for p in plans
+                        if p.op == op and p.args.get(flag) and p.args["dtype"] == dtype} == \
+                    {(lay, s) for lay in ("nchw", "channels_last") for s in (1, 4)}
     # Ints that specialise to 1: HW, C, N, B, G = C, Lq, Lk, H, d; and T, seed, offset, stream.
     assert any(a["shape"][2:] == (1, 1) for a in gn) and any(a["groups"] == a["shape"][1] for a in gn)
     assert any(p.op == "p_step" and p.args["shape"] == (1, 1, 1, 1) and p.args.get("T") == 1
@@ -71,7 +73,7 @@ def test_every_triton_kernel_compiles_for_sm80_and_sm90(tmp_path):
     assert d["problems"] == []
     kernels = {(s["kernel"], s["arch"]) for s in d["summary"]}
     for name in ("_philox_randn_kernel", "_philox4x32_kernel", "_q_sample_kernel", "_p_step_kernel", "_gn_onchip",
-                 "_gn_stats", "_gn_norm", "_attention_fwd"):
+                 "_gn_stats", "_gn_norm", "_gnb_onchip", "_gnb_sums", "_gnb_dx", "_attention_fwd"):
         assert {(name, "sm_80"), (name, "sm_90")} <= kernels, name
     assert len({r["plan"] for r in d["records"]}) == len(gate.all_plans())
     print("\n" + gate.markdown(d["summary"]))

@@ -30,7 +30,7 @@ def test_available_backends_names_reasons():
 def test_auto_order_on_a_gpu_machine(monkeypatch):
     """With every backend usable, auto takes KERNELS' order for the device: the CUDA extension for
     the elementwise ops and GroupNorm, Triton for attention (see ops.KERNELS), the CPU kernels on
-    CPU tensors, the reference for float64 or autograd."""
+    CPU tensors, the reference for float64 or (outside ops.DIFFERENTIABLE) autograd."""
     from ddpm_fast import ops
 
     monkeypatch.setattr(ops, "_STATUS", {b: True for b in ("reference", "cpu", "cuda", "triton")})
@@ -42,7 +42,10 @@ def test_auto_order_on_a_gpu_machine(monkeypatch):
     assert ops.pick_backend("attention", "cuda", cuda, torch.bfloat16) == "cuda"
     assert ops.pick_backend("attention", "auto", cpu, torch.float32) == "reference"  # then SDPA in ops.attention
     assert ops.pick_backend("group_norm", "auto", cuda, torch.float64) == "reference"
-    assert ops.pick_backend("group_norm", "auto", cuda, torch.float32, grad=True) == "reference"
+    # Kernels with a backward keep running under autograd; the others fall back to the reference.
+    assert ops.pick_backend("group_norm", "auto", cuda, torch.float32, grad=True) == "cuda"
+    assert ops.pick_backend("group_norm", "cpu", cpu, torch.float32, grad=True) == "cpu"
+    assert ops.pick_backend("p_step", "auto", cuda, torch.float32, grad=True) == "reference"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -75,4 +78,5 @@ def test_unavailable_backend_says_why():
     with pytest.raises(df.BackendUnavailableError, match="no cpu kernel yet"):
         df.attention(*(torch.randn(1, 1, 4, 8) for _ in range(3)), backend="cpu")
     with pytest.raises(df.BackendUnavailableError, match="forward-only"):
-        df.group_norm(torch.randn(1, 4, 2, 2, requires_grad=True), 2, backend="cpu")
+        df.q_sample(torch.randn(1, 4, 2, 2, requires_grad=True), 2, df.NoiseSchedule.linear(10), seed=0,
+                    backend="cpu")

@@ -31,7 +31,7 @@ def test_fused_modules_are_drop_in(cls, act, gen):
     x = torch.randn(3, 32, 5, 5, generator=gen)
     with torch.no_grad():
         assert rel_err(fused(x), act(ref.double()(x.double()))) < 1e-5
-    # with grad it runs the differentiable reference
+    # with grad it runs the kernels and their backward
     y = fused(x)
     y.sum().backward()
     assert fused.weight.grad is not None
@@ -77,17 +77,101 @@ def test_accelerate_cifar10_unet(gen):
     assert rel_err(out, ref) < 1e-5
 
 
-def test_accelerated_unet_trains(gen):
-    unet = randomised_unet(SMALL, gen)
+def backends_used(monkeypatch):
+    """The GroupNorm backends ddpm_fast.ops picks from now on, as a list that fills as they run."""
+    from ddpm_fast import ops
+
+    used, pick = [], ops.pick_backend
+
+    def spy(op, *args, **kwargs):
+        which = pick(op, *args, **kwargs)
+        if op == "group_norm":
+            used.append(which)
+        return which
+
+    monkeypatch.setattr(ops, "pick_backend", spy)
+    return used
+
+
+def train_grads(model, x, t, call):
+    """{name: gradient} of a loss on model's output, x's gradient under "input"."""
+    x = x.detach().requires_grad_()
+    model.train()
+    model.zero_grad()
+    call(model, x, t).square().mean().backward()
+    return {"input": x.grad, **{n: p.grad for n, p in model.named_parameters()}}
+
+
+def grad_errors(got, ref):
+    """Relative error of the whole gradient (every parameter and the input as one vector), and per
+    tensor with a floor of 1e-3 of the whole's norm per tensor: some true gradients are 0 (softmax
+    ignores the key bias) and come out as roundoff."""
+    whole = torch.cat([g.double().flatten() for g in ref.values()]).norm()
+    diff = torch.cat([(got[k].double() - g.double()).flatten() for k, g in ref.items()]).norm()
+    per = {k: ((got[k].double() - g.double()).norm() / max(g.double().norm(), 1e-3 * whole)).item()
+           for k, g in ref.items()}
+    return (diff / whole).item(), per
+
+
+def diffusers_call(m, x, t):
+    return m(x, t).sample
+
+
+def ours_call(m, x, t):
+    return m(x, t)
+
+
+def unet_pair(kind, gen):
+    """(accelerated model, unpatched copy) of a small diffusers U-Net or our DDPMUNet."""
+    if kind == "ours":
+        torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+        net = df.models.DDPMUNet(ch=32, ch_mult=(1, 2), attn_resolutions=(8,), image_size=16, num_groups=8,
+                                 dropout=0.0)
+        return df.accelerate(net), copy.deepcopy(net), ours_call
+    extra = {"resnet_time_scale_shift": "scale_shift"} if kind == "diffusers-scale_shift" else {}
+    unet = randomised_unet(SMALL, gen, **extra)
     plain = copy.deepcopy(unet)
-    df.accelerate(unet)
-    x = torch.randn(2, 3, 16, 16, generator=gen)
-    for m in (unet, plain):
-        m.train()
-        m(x, 5).sample.square().mean().backward()
-    for (name, a), (_, b) in zip(unet.named_parameters(), plain.named_parameters()):
-        # an absolute floor: some true gradients are 0 (softmax ignores the key bias), computed as ~1e-12
-        assert (a.grad - b.grad).norm() <= 1e-4 * b.grad.norm() + 1e-9, name
+    return df.accelerate(unet), plain, diffusers_call
+
+
+KINDS = ["diffusers", "diffusers-scale_shift", "ours"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_accelerated_unet_trains_fp32(kind, gen, monkeypatch):
+    """Gradients of the accelerated model in float32 against the unpatched model in float64 (our
+    DDPMUNet takes the reference in float64), with the GroupNorm kernels doing the work."""
+    model, plain, call = unet_pair(kind, gen)
+    x, t = torch.randn(2, 3, 16, 16, generator=gen), torch.tensor([5, 801])
+    used = backends_used(monkeypatch)
+    got = train_grads(model, x, t, call)
+    assert used and set(used) == {"cpu" if df.available_backends()["cpu"] is True else "reference"}
+    ref = train_grads(plain.double(), x.double(), t, call)
+    whole, per = grad_errors(got, ref)
+    assert whole <= 1e-5, whole
+    assert max(per.values()) <= 1e-5, max(per.items(), key=lambda kv: kv[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["diffusers", "ours"])
+def test_accelerated_unet_trains_half(kind, dtype, gen, monkeypatch):
+    """In bf16/fp16 the accelerated model's gradient is within twice the unpatched model's error in
+    the same dtype (the flash-attention rule), both against float64.  Our DDPMUNet's unpatched twin
+    is the same model on the reference ops."""
+    from ddpm_fast import ops
+
+    model, plain, call = unet_pair(kind, gen)
+    x, t = torch.randn(2, 3, 16, 16, generator=gen), torch.tensor([5, 801])
+    ref = train_grads(copy.deepcopy(plain).double(), x.double(), t, call)
+    with monkeypatch.context() as m:
+        if kind == "ours":
+            m.setattr(ops, "pick_backend", lambda *args, **kwargs: "reference")
+        eager = train_grads(copy.deepcopy(plain).to(dtype), x.to(dtype), t, call)
+    got = train_grads(model.to(dtype), x.to(dtype), t, call)
+    err, _ = grad_errors(got, ref)
+    eager_err, _ = grad_errors(eager, ref)
+    assert err <= 2 * eager_err, (err, eager_err)
 
 
 def test_accelerate_our_unet_and_bad_models():

@@ -36,7 +36,8 @@ ARCHS = (80, 90)
 # hundreds to thousands of bytes, and fails.  Below that, ptxas keeps a 64-bit value or two on the
 # stack in a few kernels: 4 + 4 bytes in the fp32 channels_last p_step on sm_80 (around the local
 # array of libdevice's sinf/cosf range reduction, a path only arguments above ~1e5 take), 8 + 8 in
-# the fp16/bf16 channels_last _gn_norm and at d = 128 in the 16-bit attention on sm_80 under triton
+# the fp16/bf16 channels_last _gn_norm (sm_80 and sm_90) and at d = 128 in the 16-bit attention on
+# sm_80, and 4 + 4 in the fp32 _gnb_onchip at its largest tile (4096 values) on sm_90, under triton
 # 3.6.  Those are listed, and pass.
 SPILL_BUDGET = 16
 # Shared memory one block may have (opted in), by compute capability: a kernel over it compiles but
@@ -93,20 +94,25 @@ def _elementwise_plans() -> Iterator[Plan]:
 
 
 def _group_norm_plans() -> Iterator[Plan]:
-    # Each path (on-chip: split=1 on a group that fits; split: split=4) and layout, every flag at
-    # the CIFAR U-Net's shape, then the specialising shapes with all flags and none: G = C (CG = 1),
-    # [B, C, 1, 1] (HW = 1), HW = CG = 1 together, an odd one, and a group too large for on-chip.
+    # Forward and backward, each path (on-chip: split=1 on a group that fits; split: split=4) and
+    # layout, every flag at the CIFAR U-Net's shape, then the specialising shapes with all flags and
+    # none: G = C (CG = 1), [B, C, 1, 1] (HW = 1), HW = CG = 1 together, an odd one, and a group too
+    # large for on-chip.
     flag_sets = [dict(weight=True, bias=True, add=True, scale=True, shift=True, silu=True), dict(),
                  dict(weight=True, bias=True, silu=True), dict(add=True), dict(scale=True), dict(shift=True)]
     shapes = [((2, 128, 32, 32), 32), ((2, 256, 4, 4), 32), ((2, 8, 5, 5), 8), ((2, 64, 1, 1), 32), ((1, 4, 1, 1), 4),
               ((3, 6, 7, 9), 3), ((1, 64, 64, 64), 2)]
     cases = [(shapes[0], flags) for flags in flag_sets]
     cases += [(shape, flags) for shape in shapes[1:] for flags in flag_sets[:2]]
-    for dtype, ((shape, groups), flags), layout, split in itertools.product(DTYPES, cases, ("nchw", "channels_last"),
-                                                                           (1, 4)):
-        yield Plan("group_norm", f"{dtype} {'x'.join(map(str, shape))} G={groups} {layout} split={split} "
-                   f"{'+'.join(sorted(flags)) or 'plain'}",
-                   dict(dtype=dtype, shape=shape, groups=groups, layout=layout, split=split, **flags))
+    # The backward's flags only add loads and arithmetic, never index math: every flag at once (and
+    # none, and the U-Net's weight+bias+SiLU) at the CIFAR shape, every flag at the others.
+    backward = [(shapes[0], flags) for flags in flag_sets[:3]] + [(shape, flag_sets[0]) for shape in shapes[1:]]
+    for op, op_cases in (("group_norm", cases), ("group_norm_backward", backward)):
+        for dtype, ((shape, groups), flags), layout, split in itertools.product(DTYPES, op_cases,
+                                                                               ("nchw", "channels_last"), (1, 4)):
+            yield Plan(op, f"{dtype} {'x'.join(map(str, shape))} G={groups} {layout} split={split} "
+                       f"{'+'.join(sorted(flags)) or 'plain'}",
+                       dict(dtype=dtype, shape=shape, groups=groups, layout=layout, split=split, **flags))
 
 
 def _attention_plans() -> Iterator[Plan]:
@@ -159,16 +165,20 @@ def _run_plan(plan: Plan) -> None:
         return
     shape = a["shape"]
     fmt = torch.channels_last if a.get("layout") == "channels_last" else torch.contiguous_format
-    if plan.op == "group_norm":
-        from .group_norm import group_norm
+    if plan.op in ("group_norm", "group_norm_backward"):
+        from .group_norm import group_norm, group_norm_backward
 
         B, C = shape[:2]
         x = torch.empty(shape, dtype=dtype).contiguous(memory_format=fmt)
         vec = {k: torch.empty(C) for k in ("weight", "bias") if a.get(k)}
         per_sample = {k: torch.empty(B, C) for k in ("add", "scale", "shift") if a.get(k)}
-        group_norm(x, a["groups"], vec.get("weight"), vec.get("bias"), 1e-5, per_sample.get("add"),
-                   per_sample.get("scale"), per_sample.get("shift"), bool(a.get("silu")), fmt == torch.channels_last,
-                   split=a["split"])
+        params = (vec.get("weight"), vec.get("bias"), per_sample.get("add"), per_sample.get("scale"),
+                  per_sample.get("shift"), bool(a.get("silu")), fmt == torch.channels_last)
+        if plan.op == "group_norm":
+            group_norm(x, a["groups"], *params[:2], 1e-5, *params[2:], split=a["split"])
+        else:
+            stats = torch.empty(B, a["groups"])
+            group_norm_backward(torch.empty_like(x), x, stats, stats, a["groups"], *params, split=a["split"])
         return
     B = shape[0]
     T = a.get("T", 1000)
@@ -344,7 +354,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ddpm_fast.triton.compile_gate", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default=",".join(map(str, ARCHS)), help="compute capabilities, e.g. 80,90")
     p.add_argument("--only", help="comma-separated ops (philox_randn, philox4x32, q_sample, p_step, group_norm, "
-                                  "attention)")
+                                  "group_norm_backward, attention)")
     p.add_argument("--jobs", type=int, default=0, help="compile processes (default: one per CPU)")
     p.add_argument("--spill-budget", type=int, default=SPILL_BUDGET, help="spill bytes allowed per kernel")
     p.add_argument("--json", help="write every record and the summary here")

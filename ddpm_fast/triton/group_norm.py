@@ -9,8 +9,19 @@ A group is Cg = C / G channels x HW positions, seen as a [HW, Cg] tile whose str
   the GPU idle (batch 1), _gn_stats sums d and d^2 over HW / S positions per program and _gn_norm
   reduces the S partials and normalises its slice: two reads + one write.
 Every path works on d = (x - x_first) + (add - add_first), exact for a large mean with a small
-spread, so nothing rounds at the scale of the mean.
+spread, so nothing rounds at the scale of the mean.  The group's mean of d and rstd (float32
+[B, G]) go out for the backward, which takes values relative to the same first element.
 Bytes: (1 or 2) * N + N times sizeof(T); ~10 FLOPs per element (+4 with SiLU).
+
+Backward (formula in csrc/include/ddpm_fast/group_norm.h), the same two paths:
+- on-chip, grid (B*G,): a program loads its group's x and dy once, recomputes xhat and
+  dz = dy act'(z), sums S1, S2, S3 per channel (stored, [3, B, C]), forms m1, m2 and writes dx.
+  Two reads + one write.
+- split, grid (B*G, S): _gnb_sums stores per-slice per-channel sums; _gnb_dx reduces them (slice 0
+  stores the totals) and writes dx for its slice.  Four reads + one write.
+~15 FLOPs per element (+6 with SiLU's derivative).  The ops at the end (ddpm_fast_triton::*) are
+torch.library custom ops over the launchers, so they trace under torch.compile; ddpm_fast.ops
+registers their autograd.
 """
 
 from __future__ import annotations
@@ -19,7 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .._ops_meta import group_norm_backward_fake, group_norm_fake
+
 ONCHIP_MAX = 8192  # elements of one group held in one program's registers
+BWD_ONCHIP_MAX = 4096  # the backward holds x and dy
 
 
 @triton.jit
@@ -64,9 +78,10 @@ def _finish(y_ptr, d, mean, rstd, offs, mask, b, c, cmask, C, w_ptr, bias_ptr, s
 
 
 @triton.jit
-def _gn_onchip(x_ptr, y_ptr, w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, G, C, HW, CG, stride_c, stride_hw,
-               count, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SCALE: tl.constexpr,
-               HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+def _gn_onchip(x_ptr, y_ptr, w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, G, C, HW, CG,
+               stride_c, stride_hw, count, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr,
+               HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, BLOCK_HW: tl.constexpr,
+               BLOCK_C: tl.constexpr):
     bg = tl.program_id(0)
     b, g = bg // G, bg % G
     hw = tl.arange(0, BLOCK_HW)
@@ -76,6 +91,8 @@ def _gn_onchip(x_ptr, y_ptr, w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, G, 
     mean = tl.sum(tl.sum(d, 1), 0) / count
     dc = tl.where(mask, d - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(dc * dc, 1), 0) / count + eps)
+    tl.store(mean_ptr + bg, mean)
+    tl.store(rstd_ptr + bg, rstd)
     _finish(y_ptr, d, mean, rstd, offs, mask, b, c, cl < CG, C, w_ptr, bias_ptr, scale_ptr, shift_ptr, HAS_W, HAS_B,
             HAS_SCALE, HAS_SHIFT, SILU)
 
@@ -100,10 +117,10 @@ def _gn_stats(x_ptr, add_ptr, part_ptr, G, C, HW, CG, stride_c, stride_hw, chunk
 
 
 @triton.jit
-def _gn_norm(x_ptr, y_ptr, w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, part_ptr, G, C, HW, CG, stride_c,
-             stride_hw, chunk, S, count, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr,
-             HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, BLOCK_HW: tl.constexpr,
-             BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+def _gn_norm(x_ptr, y_ptr, w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, part_ptr, G, C, HW,
+             CG, stride_c, stride_hw, chunk, S, count, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+             HAS_ADD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+             BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     bg = tl.program_id(0)
     s = tl.program_id(1)
     b, g = bg // G, bg % G
@@ -114,6 +131,9 @@ def _gn_norm(x_ptr, y_ptr, w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, part_
     s2 = tl.sum(tl.load(part_ptr + (bg * S + k) * 2 + 1, mask=k < S, other=0.0), 0)
     md = s1 / count
     rstd = 1.0 / tl.sqrt(tl.maximum(s2 / count - md * md, 0.0) + eps)
+    if s == 0:
+        tl.store(mean_ptr + bg, md)
+        tl.store(rstd_ptr + bg, rstd)
     for start in range(s * chunk, tl.minimum((s + 1) * chunk, HW), BLOCK_HW):
         hw = start + tl.arange(0, BLOCK_HW)
         d, offs, mask, c = _load_tile(x_ptr, add_ptr, b, g, hw, cl, HW, C, CG, stride_c, stride_hw, px, pa,
@@ -134,18 +154,32 @@ def _programs_wanted(device: torch.device) -> int:
     return 1  # the interpreter: fewest programs
 
 
-def group_norm(x: torch.Tensor, num_groups: int, weight, bias, eps: float, add, scale, shift, silu: bool,
-               channels_last: bool, split: int = 0) -> torch.Tensor:
-    """Launcher: arguments validated and laid out by ddpm_fast.ops.  ``split`` forces the number of
-    slices per group (0: choose; 1 with a small group: the on-chip path)."""
+def _split_geometry(HW: int, BLOCK_HW: int, split: int):
+    """(slices, rows per slice) for the split paths."""
+    S = max(1, min(split, triton.cdiv(HW, BLOCK_HW), 256))
+    chunk = triton.cdiv(triton.cdiv(HW, S), BLOCK_HW) * BLOCK_HW
+    return triton.cdiv(HW, chunk), chunk
+
+
+def _geometry(x: torch.Tensor, num_groups: int, channels_last: bool):
     B, C = x.shape[:2]
     HW = x[0, 0].numel() if B and C else 0
-    y = torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    if x.numel() == 0:
-        return y
-    G, CG = num_groups, C // num_groups
+    CG = C // num_groups
     stride_c, stride_hw = (1, C) if channels_last else (HW, 1)
-    BLOCK_C = triton.next_power_of_2(CG)
+    return B, C, HW, CG, stride_c, stride_hw, triton.next_power_of_2(CG)
+
+
+def group_norm(x: torch.Tensor, num_groups: int, weight, bias, eps: float, add, scale, shift, silu: bool,
+               channels_last: bool, split: int = 0):
+    """Launcher: arguments validated and laid out by ddpm_fast.ops.  Returns (y, mean, rstd).
+    ``split`` forces the number of slices per group (0: choose; 1 with a small group: the on-chip path)."""
+    B, C, HW, CG, stride_c, stride_hw, BLOCK_C = _geometry(x, num_groups, channels_last)
+    G = num_groups
+    y = torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    mean = torch.empty((B, G), dtype=torch.float32, device=x.device)
+    rstd = torch.empty_like(mean)
+    if x.numel() == 0:
+        return y, mean.zero_(), rstd.zero_()
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_ADD=add is not None,
                  HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=bool(silu))
     ptrs = [t if t is not None else x for t in (weight, bias, add, scale, shift)]
@@ -155,17 +189,198 @@ def group_norm(x: torch.Tensor, num_groups: int, weight, bias, eps: float, add, 
     if split == 0:
         split = 1 if fits and B * G >= _programs_wanted(x.device) else max(1, _programs_wanted(x.device) // (B * G))
     if split == 1 and fits:
-        _gn_onchip[(B * G,)](x, y, *ptrs, G, C, HW, CG, stride_c, stride_hw, count, eps, BLOCK_HW=onchip_hw,
-                             BLOCK_C=BLOCK_C, num_warps=_num_warps(onchip_hw * BLOCK_C), **flags)
-        return y
+        _gn_onchip[(B * G,)](x, y, *ptrs, mean, rstd, G, C, HW, CG, stride_c, stride_hw, count, eps,
+                             BLOCK_HW=onchip_hw, BLOCK_C=BLOCK_C, num_warps=_num_warps(onchip_hw * BLOCK_C), **flags)
+        return y, mean, rstd
     BLOCK_HW = max(1, min(triton.next_power_of_2(HW), 2048 // BLOCK_C))
-    S = max(1, min(split, triton.cdiv(HW, BLOCK_HW), 256))
-    chunk = triton.cdiv(triton.cdiv(HW, S), BLOCK_HW) * BLOCK_HW
-    S = triton.cdiv(HW, chunk)
+    S, chunk = _split_geometry(HW, BLOCK_HW, split)
     part = torch.empty((B * G, S, 2), dtype=torch.float32, device=x.device)
     num_warps = _num_warps(BLOCK_HW * BLOCK_C)
     _gn_stats[(B * G, S)](x, ptrs[2], part, G, C, HW, CG, stride_c, stride_hw, chunk, S,
                           HAS_ADD=flags["HAS_ADD"], BLOCK_HW=BLOCK_HW, BLOCK_C=BLOCK_C, num_warps=num_warps)
-    _gn_norm[(B * G, S)](x, y, *ptrs, part, G, C, HW, CG, stride_c, stride_hw, chunk, S, count, eps, BLOCK_HW=BLOCK_HW,
-                         BLOCK_C=BLOCK_C, BLOCK_S=triton.next_power_of_2(S), num_warps=num_warps, **flags)
-    return y
+    _gn_norm[(B * G, S)](x, y, *ptrs, mean, rstd, part, G, C, HW, CG, stride_c, stride_hw, chunk, S, count, eps,
+                         BLOCK_HW=BLOCK_HW, BLOCK_C=BLOCK_C, BLOCK_S=triton.next_power_of_2(S), num_warps=num_warps,
+                         **flags)
+    return y, mean, rstd
+
+
+# ------------------------------------------------------------------------------ backward
+@triton.jit
+def _gnb_channels(w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, b, c, cmask, C, HAS_W: tl.constexpr,
+                  HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """Per channel: the input add, and W, Bc with z = xhat * W + Bc."""
+    zero = c.to(tl.float32) * 0.0
+    add = zero
+    W = zero + 1.0
+    Bc = zero
+    if HAS_ADD:
+        add = tl.load(add_ptr + b * C + c, mask=cmask, other=0.0)
+    if HAS_W:
+        W = tl.load(w_ptr + c, mask=cmask, other=0.0)
+    if HAS_B:
+        Bc = tl.load(bias_ptr + c, mask=cmask, other=0.0)
+    if HAS_SCALE:
+        s = 1.0 + tl.load(scale_ptr + b * C + c, mask=cmask, other=0.0)
+        W = W * s
+        Bc = Bc * s
+    if HAS_SHIFT:
+        Bc = Bc + tl.load(shift_ptr + b * C + c, mask=cmask, other=0.0)
+    return add, W, Bc
+
+
+@triton.jit
+def _gnb_tile(x_ptr, dy_ptr, b, g, hw, cl, HW, C, CG, stride_c, stride_hw, px, centre, rstd, W, Bc,
+              SILU: tl.constexpr):
+    """xhat = ((x - px) + centre) rstd and dz = dy act'(z) of a [BLOCK_HW, BLOCK_C] tile, 0 outside
+    the group; centre = (add - pa) - md per channel."""
+    c = g * CG + cl
+    mask = (hw[:, None] < HW) & (cl[None, :] < CG)
+    offs = b.to(tl.int64) * C * HW + c[None, :].to(tl.int64) * stride_c + hw[:, None].to(tl.int64) * stride_hw
+    xh = ((tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - px) + centre[None, :]) * rstd
+    gz = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if SILU:
+        z = xh * W[None, :] + Bc[None, :]
+        sig = 1.0 / (1.0 + tl.exp(-z))
+        gz = gz * sig * (1.0 + z * (1.0 - sig))
+    return tl.where(mask, xh, 0.0), tl.where(mask, gz, 0.0), offs, mask
+
+
+@triton.jit
+def _gnb_onchip(dy_ptr, x_ptr, dx_ptr, sums_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr,
+                B, G, C, HW, CG, stride_c, stride_hw, count, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                HAS_ADD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+                BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr):
+    bg = tl.program_id(0)
+    b, g = bg // G, bg % G
+    cl = tl.arange(0, BLOCK_C)
+    c = g * CG + cl
+    cmask = cl < CG
+    px, pa = _pivot(x_ptr, add_ptr, b, g, C, HW, CG, stride_c, HAS_ADD)
+    rstd = tl.load(rstd_ptr + bg)
+    add, W, Bc = _gnb_channels(w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, b, c, cmask, C, HAS_W, HAS_B, HAS_ADD,
+                               HAS_SCALE, HAS_SHIFT)
+    centre = (add - pa) - tl.load(mean_ptr + bg)
+    xh, gz, offs, mask = _gnb_tile(x_ptr, dy_ptr, b, g, tl.arange(0, BLOCK_HW), cl, HW, C, CG, stride_c, stride_hw,
+                                   px, centre, rstd, W, Bc, SILU)
+    s1 = tl.sum(gz, 0)
+    s2 = tl.sum(gz * xh, 0)
+    tl.store(sums_ptr + b * C + c, s1, mask=cmask)
+    tl.store(sums_ptr + (B + b) * C + c, s2, mask=cmask)
+    tl.store(sums_ptr + (2 * B + b) * C + c, tl.sum(xh, 0), mask=cmask)
+    m1 = tl.sum(W * s1, 0) / count
+    m2 = tl.sum(W * s2, 0) / count
+    dx = rstd * ((W[None, :] * gz - m1) - xh * m2)
+    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gnb_sums(dy_ptr, x_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, G, C, HW,
+              CG, stride_c, stride_hw, chunk, S, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr,
+              HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, BLOCK_HW: tl.constexpr,
+              BLOCK_C: tl.constexpr):
+    bg = tl.program_id(0)
+    s = tl.program_id(1)
+    b, g = bg // G, bg % G
+    cl = tl.arange(0, BLOCK_C)
+    c = g * CG + cl
+    px, pa = _pivot(x_ptr, add_ptr, b, g, C, HW, CG, stride_c, HAS_ADD)
+    rstd = tl.load(rstd_ptr + bg)
+    add, W, Bc = _gnb_channels(w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, b, c, cl < CG, C, HAS_W, HAS_B,
+                               HAS_ADD, HAS_SCALE, HAS_SHIFT)
+    centre = (add - pa) - tl.load(mean_ptr + bg)
+    acc1 = tl.zeros((BLOCK_HW, BLOCK_C), tl.float32)
+    acc2 = tl.zeros((BLOCK_HW, BLOCK_C), tl.float32)
+    acc3 = tl.zeros((BLOCK_HW, BLOCK_C), tl.float32)
+    for start in range(s * chunk, tl.minimum((s + 1) * chunk, HW), BLOCK_HW):
+        hw = start + tl.arange(0, BLOCK_HW)
+        xh, gz, _, _ = _gnb_tile(x_ptr, dy_ptr, b, g, hw, cl, HW, C, CG, stride_c, stride_hw, px, centre, rstd, W,
+                                 Bc, SILU)
+        acc1 += gz
+        acc2 += gz * xh
+        acc3 += xh
+    base = part_ptr + (bg * S + s) * 3 * BLOCK_C + cl
+    tl.store(base, tl.sum(acc1, 0))
+    tl.store(base + BLOCK_C, tl.sum(acc2, 0))
+    tl.store(base + 2 * BLOCK_C, tl.sum(acc3, 0))
+
+
+@triton.jit
+def _gnb_dx(dy_ptr, x_ptr, dx_ptr, sums_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, add_ptr, scale_ptr,
+            shift_ptr, B, G, C, HW, CG, stride_c, stride_hw, chunk, S, count, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+            HAS_ADD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
+            BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    bg = tl.program_id(0)
+    s = tl.program_id(1)
+    b, g = bg // G, bg % G
+    cl = tl.arange(0, BLOCK_C)
+    c = g * CG + cl
+    cmask = cl < CG
+    px, pa = _pivot(x_ptr, add_ptr, b, g, C, HW, CG, stride_c, HAS_ADD)
+    rstd = tl.load(rstd_ptr + bg)
+    add, W, Bc = _gnb_channels(w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, b, c, cmask, C, HAS_W, HAS_B, HAS_ADD,
+                               HAS_SCALE, HAS_SHIFT)
+    centre = (add - pa) - tl.load(mean_ptr + bg)
+    k = tl.arange(0, BLOCK_S)
+    rows = part_ptr + (bg * S + k[:, None]) * 3 * BLOCK_C + cl[None, :]
+    pmask = (k[:, None] < S) & cmask[None, :]
+    s1 = tl.sum(tl.load(rows, mask=pmask, other=0.0), 0)
+    s2 = tl.sum(tl.load(rows + BLOCK_C, mask=pmask, other=0.0), 0)
+    if s == 0:
+        tl.store(sums_ptr + b * C + c, s1, mask=cmask)
+        tl.store(sums_ptr + (B + b) * C + c, s2, mask=cmask)
+        tl.store(sums_ptr + (2 * B + b) * C + c, tl.sum(tl.load(rows + 2 * BLOCK_C, mask=pmask, other=0.0), 0),
+                 mask=cmask)
+    m1 = tl.sum(W * s1, 0) / count
+    m2 = tl.sum(W * s2, 0) / count
+    for start in range(s * chunk, tl.minimum((s + 1) * chunk, HW), BLOCK_HW):
+        hw = start + tl.arange(0, BLOCK_HW)
+        xh, gz, offs, mask = _gnb_tile(x_ptr, dy_ptr, b, g, hw, cl, HW, C, CG, stride_c, stride_hw, px, centre, rstd,
+                                       W, Bc, SILU)
+        dx = rstd * ((W[None, :] * gz - m1) - xh * m2)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def group_norm_backward(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, num_groups: int,
+                        weight, bias, add, scale, shift, silu: bool, channels_last: bool, split: int = 0):
+    """Launcher of the backward: dy in x's dtype and layout.  Returns (dx, sums [3, B, C] float32)."""
+    B, C, HW, CG, stride_c, stride_hw, BLOCK_C = _geometry(x, num_groups, channels_last)
+    G = num_groups
+    dx = torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    sums = torch.empty((3, B, C), dtype=torch.float32, device=x.device)
+    if x.numel() == 0:
+        return dx, sums.zero_()
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_ADD=add is not None,
+                 HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=bool(silu))
+    ptrs = [t if t is not None else x for t in (weight, bias, add, scale, shift)]
+    count = float(HW * CG)
+    onchip_hw = triton.next_power_of_2(HW)
+    fits = onchip_hw * BLOCK_C <= BWD_ONCHIP_MAX
+    if split == 0:
+        split = 1 if fits and B * G >= _programs_wanted(x.device) else max(1, _programs_wanted(x.device) // (B * G))
+    if split == 1 and fits:
+        _gnb_onchip[(B * G,)](dy, x, dx, sums, mean, rstd, *ptrs, B, G, C, HW, CG, stride_c, stride_hw, count,
+                              BLOCK_HW=onchip_hw, BLOCK_C=BLOCK_C, num_warps=_num_warps(onchip_hw * BLOCK_C), **flags)
+        return dx, sums
+    BLOCK_HW = max(1, min(triton.next_power_of_2(HW), 1024 // BLOCK_C))
+    S, chunk = _split_geometry(HW, BLOCK_HW, split)
+    part = torch.empty((B * G, S, 3, BLOCK_C), dtype=torch.float32, device=x.device)
+    num_warps = _num_warps(BLOCK_HW * BLOCK_C)
+    _gnb_sums[(B * G, S)](dy, x, part, mean, rstd, *ptrs, G, C, HW, CG, stride_c, stride_hw, chunk, S,
+                          BLOCK_HW=BLOCK_HW, BLOCK_C=BLOCK_C, num_warps=num_warps, **flags)
+    _gnb_dx[(B * G, S)](dy, x, dx, sums, part, mean, rstd, *ptrs, B, G, C, HW, CG, stride_c, stride_hw, chunk, S, count,
+                        BLOCK_HW=BLOCK_HW, BLOCK_C=BLOCK_C, BLOCK_S=triton.next_power_of_2(S), num_warps=num_warps,
+                        **flags)
+    return dx, sums
+
+
+# ---------------------------------------------------------------------------- the ops
+group_norm_op = torch.library.custom_op(
+    "ddpm_fast_triton::group_norm", group_norm, mutates_args=(),
+    schema="(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, Tensor? add, Tensor? scale, "
+           "Tensor? shift, bool silu, bool channels_last) -> (Tensor, Tensor, Tensor)")
+group_norm_op.register_fake(group_norm_fake)
+group_norm_backward_op = torch.library.custom_op(
+    "ddpm_fast_triton::group_norm_backward", group_norm_backward, mutates_args=(),
+    schema="(Tensor dy, Tensor x, Tensor mean, Tensor rstd, int num_groups, Tensor? weight, Tensor? bias, "
+           "Tensor? add, Tensor? scale, Tensor? shift, bool silu, bool channels_last) -> (Tensor, Tensor)")
+group_norm_backward_op.register_fake(group_norm_backward_fake)
