@@ -127,7 +127,7 @@ def philox_randn(
     dtype: torch.dtype = torch.float32,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Standard normals [B, *sample] under the noise contract (DESIGN.md §2): exactly the noise
+    """Standard normals [B, *sample] under the noise contract (docs/architecture.md): exactly the noise
     the fused kernels draw in-kernel.  ``t`` is a scalar or a per-sample tensor [B]; sample i
     has global index ``sample_offset + i``."""
     if isinstance(shape, int) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape) \

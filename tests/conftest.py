@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 import ddpm_fast as df  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# Relative-error bounds against a float64 reference for elementwise ops (DESIGN.md §3).
+# Relative-error bounds against a float64 reference for elementwise ops (docs/architecture.md, Testing).
 ELEMENTWISE_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
 
 

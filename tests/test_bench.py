@@ -1,4 +1,4 @@
-"""The benchmark harness writes what DESIGN.md §4 asks for; no timing is asserted."""
+"""The benchmark harness writes what docs/architecture.md (Benchmarks) asks for; no timing is asserted."""
 
 import json
 import subprocess

@@ -1,4 +1,4 @@
-"""Benchmark harness: the machine's floors, timing, and result files (DESIGN.md §4).
+"""Benchmark harness: the machine's floors, timing, and result files (docs/architecture.md, Benchmarks).
 
 Every run measures its own floors (a large device-to-device copy for bandwidth, a large
 matmul for compute) so each row can say what fraction of this machine it reaches.

@@ -1,4 +1,4 @@
-"""The noise contract (DESIGN.md §2) in plain PyTorch integer arithmetic.
+"""The noise contract (docs/architecture.md) in plain PyTorch integer arithmetic.
 
 z[i, j] at (seed, t, stream) = BoxMuller4(Philox4x32_10(
     counter=(j // 4, i, t, stream), key=(seed & 0xffffffff, seed >> 32)))[j % 4]

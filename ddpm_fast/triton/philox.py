@@ -1,4 +1,4 @@
-"""Philox noise in Triton: the noise contract of DESIGN.md §2.
+"""Philox noise in Triton: the noise contract of docs/architecture.md.
 
 normal4(seed, group, sample, t, stream) -> four N(0, 1) floats for elements
 4*group .. 4*group+3 of one sample; the fused kernels call it in registers.
