@@ -30,6 +30,11 @@ def _p_step_fake(x_t, model_output, t, table, noise, seed, sample_offset, rng, p
     return torch.empty_like(x_t, memory_format=_layout(channels_last))
 
 
+@torch.library.register_fake("ddpm_fast::picard_step")
+def _picard_step_fake(x, model_output, t, table, sample, seed, prediction, variance, form, clip_sample, clip_range):
+    return torch.empty_like(x), x.new_empty(t.shape, dtype=torch.float32)
+
+
 @torch.library.register_fake("ddpm_fast::group_norm")
 def _group_norm_fake(x, num_groups, weight, bias, eps, add, scale, shift, silu, channels_last):
     return torch.empty_like(x, memory_format=_layout(channels_last))
