@@ -105,6 +105,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
         return fail(f"--num-images: expected a positive number of images, got {args.num}")
     if args.batch_size <= 0:
         return fail(f"--batch-size: expected a positive int, got {args.batch_size}")
+    parallel = None
+    if args.parallel_window is not None:
+        from .parallel import ParallelConfig
+
+        if args.parallel_window <= 0:
+            return fail(f"--parallel-window: expected a positive number of steps, got {args.parallel_window}")
+        tol = 0.1 if args.parallel_tol is None else args.parallel_tol
+        if not 0 <= tol < float("inf"):
+            return fail(f"--parallel-tol: expected a finite number >= 0, got {args.parallel_tol}")
+        parallel = ParallelConfig(window=args.parallel_window, tol=tol)
+    elif args.parallel_tol is not None:
+        return fail("--parallel-tol: needs --parallel-window")
     try:
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
@@ -128,7 +140,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     model = model.to(device)
     try:
         sampler = DDPMSampler(model, schedule, backend=args.backend, dtype=args.dtype, device=device,
-                              cuda_graphs=False if args.no_graphs else None, **options)
+                              cuda_graphs=False if args.no_graphs else None, parallel=parallel, **options)
         # Contiguous shards of the global indices: image i is the same whichever rank draws it.
         per = -(-args.num // world)
         start, count = rank * per, max(0, min(per, args.num - rank * per))
@@ -187,6 +199,9 @@ def parser() -> argparse.ArgumentParser:
     sa.add_argument("--device", help="cpu or cuda[:N] (default: cuda if present)")
     sa.add_argument("--no-graphs", action="store_true", help="do not capture CUDA graphs")
     sa.add_argument("--progress", action="store_true", help="show a progress bar")
+    sa.add_argument("--parallel-window", type=int, help="parallel-in-time sampling: refine this many steps at once "
+                    "(Picard iterations; the images stay within the tolerance of the sequential ones)")
+    sa.add_argument("--parallel-tol", type=float, help="convergence tolerance of --parallel-window (default 0.1)")
     sa.set_defaults(func=cmd_sample)
     tr = sub.add_parser("train", help="train the default digits model (fused q_sample, Philox noise)")
     tr.add_argument("--out", default="digits16.pt", help="checkpoint file to write")

@@ -1,5 +1,10 @@
 """Parallel-in-time sampling (ddpm_fast/parallel.py) against the sequential sampler it must reproduce."""
 
+import os
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import torch
 
@@ -123,3 +128,40 @@ def test_config_bad_values(kw, match):
 def test_sampler_rejects_a_non_config():
     with pytest.raises(TypeError, match="parallel"):
         df.DDPMSampler(lambda x, t: x, parallel=16)
+
+
+def run_cli(*args):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "ddpm_fast", *args], capture_output=True, text=True, timeout=600,
+                          env=env)
+
+
+@pytest.mark.slow
+def test_cli_parallel_window(tmp_path, gen):
+    ckpt = tmp_path / "tiny.pt"
+    tiny_net(gen).save(str(ckpt), df.NoiseSchedule.linear(20), sampling=dict(clip_sample=True))
+    common = ("sample", "--model", str(ckpt), "--num", "3", "--batch-size", "3")
+    seq = run_cli(*common, "--out", str(tmp_path / "seq"))
+    par = run_cli(*common, "--parallel-window", "6", "--parallel-tol", "0", "--out", str(tmp_path / "par"))
+    assert seq.returncode == 0 and par.returncode == 0, seq.stderr + par.stderr
+    a = np.load(tmp_path / "seq" / "samples.npz")["arr_0"].astype(int)
+    b = np.load(tmp_path / "par" / "samples.npz")["arr_0"].astype(int)
+    # tol 0: the sequential images; batches of 3 vs 18 may move the U-Net's last bit, so a pixel may round
+    # the other way
+    assert a.shape == b.shape == (3, 8, 8, 1) and np.abs(a - b).max() <= 1
+
+
+@pytest.mark.parametrize("args,match", [
+    (("--parallel-window", "0"), "--parallel-window: expected a positive"),
+    (("--parallel-window", "4", "--parallel-tol", "-1"), "--parallel-tol: expected a finite"),
+    (("--parallel-window", "4", "--parallel-tol", "nan"), "--parallel-tol: expected a finite"),
+    (("--parallel-tol", "0.1"), "--parallel-tol: needs --parallel-window"),
+])
+def test_cli_parallel_bad_values(tmp_path, args, match, capsys):
+    """In process (the checks run before any model loads); `python -m ddpm_fast` exits with main's code."""
+    from ddpm_fast.cli import main
+
+    assert main(["sample", *args, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"ddpm-fast sample: error: {match}")
