@@ -203,3 +203,30 @@ def test_try_build():
     stand_in = harness.try_build(unbuildable)
     with pytest.raises(OSError, match="no compiler"):
         stand_in(1, key=2)
+
+
+@pytest.mark.slow
+def test_parallel_rows_report_rounds_evaluations_and_error(tmp_path, monkeypatch):
+    """e2e's parallel-in-time rows, on a small U-Net: sequential baseline and windows 16/32/64 at batch 1
+    and 8, each with its rounds, model evaluations and error against the sequential images."""
+    from ddpm_fast.bench import e2e
+    from ddpm_fast.models import DDPMUNet
+
+    torch.manual_seed(0)
+    net = DDPMUNet(in_channels=3, out_channels=3, ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
+                   dropout=0.0, image_size=8, num_groups=4)
+    monkeypatch.setattr(bench, "SUITES", {"e2e": lambda op, dev, quick: e2e.parallel_cases(op, dev, net, 20)})
+    monkeypatch.setattr(bench, "measure_floors", lambda device, quick: dict(FLOORS))
+    out = run(["e2e"], quick=True, out_dir=str(tmp_path), device="cpu", command="test", echo=lambda *_: None)
+    rows = out["rows"]
+    assert [(r.size, r.baseline) for r in rows] == [(f"b{b} parallel", i == 0) for b in (1, 8) for i in range(4)]
+    for r in rows:
+        assert r.status == "ok", r.status
+        assert 1 <= r.rounds_per_image <= 20 and r.evals_per_image >= r.rounds_per_image
+        assert 0 <= r.max_err_vs_sequential < 0.5
+    par = [r for r in rows if not r.baseline]
+    assert all(r.rounds_per_image < 20 for r in par)  # windows of 16 and more take fewer rounds than steps
+    assert all(set(r.vs) == {next(b.impl for b in rows if b.baseline)} for r in par)
+    md = (tmp_path / "bench-cpu-quick.md").read_text()
+    assert "Parallel-in-time sampling (20 steps per call" in md and "| b8 parallel | DDPMSampler fp32 parallel " \
+        "window 64 tol 0.1 |" in md
