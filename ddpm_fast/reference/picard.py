@@ -53,6 +53,10 @@ def check_picard_step(x, model_output, t, schedule, sample, seed, prediction, va
     if not isinstance(sample, torch.Tensor) or sample.dtype != torch.int64 or tuple(sample.shape) != (A,):
         raise ValueError(f"sample: expected an int64 tensor of shape {(A,)} (each image's global index)")
     sched = _checks.schedule(schedule)
+    # Values are read on the host except under CUDA graph capture or torch.compile (no sync allowed
+    # there); the kernels clamp t and read sample as uint32, never out of bounds.
+    if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return sched
     if t.numel() and int(t.max()) >= sched.num_timesteps:
         raise ValueError(f"t: expected timesteps below {sched.num_timesteps} (negative: past the last step)")
     if sample.numel() and int(sample.min()) < 0:
