@@ -179,6 +179,11 @@ def test_missing_optional_packages_skip_their_rows_and_are_reported_once(tmp_pat
     assert [s for s in said if "matplotlib" in s] == ["no PNG plot: it needs matplotlib (pip install matplotlib)"]
 
 
+# e2e's parallel-in-time rows on the CPU, for batch 1 and 8
+PARALLEL_ROWS = 2 * ["DDPMSampler fp32 sequential",
+                     *(f"DDPMSampler fp32 parallel window {w} tol 0.1" for w in (16, 32, 64))]
+
+
 def test_suites_build_their_cases_without_diffusers(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)
     for op, suite in bench.SUITES.items():
@@ -187,7 +192,7 @@ def test_suites_build_their_cases_without_diffusers(monkeypatch):
         assert impls and not any("diffusers" in i or "Scheduler" in i for i in impls), (op, impls)
         assert all(c.op != "attention block" for c in cases)  # diffusers' Attention module
         if op == "e2e":
-            assert impls == ["DDPMSampler float32", "DDPMSampler bfloat16"]
+            assert impls == ["DDPMSampler float32", "DDPMSampler bfloat16", *PARALLEL_ROWS]
 
 
 @pytest.mark.slow
@@ -195,7 +200,7 @@ def test_e2e_builds_the_diffusers_rows_where_diffusers_imports():
     pytest.importorskip("diffusers")
     impls = [c.impl for c in bench.e2e.cases("e2e", CPU, True)]
     assert impls == ["diffusers DDPMPipeline fp32", "diffusers DDPMPipeline bf16 autocast", "FastDDPMScheduler",
-                     "accelerate + FastDDPMScheduler", "DDPMSampler float32", "DDPMSampler bfloat16"]
+                     "accelerate + FastDDPMScheduler", "DDPMSampler float32", "DDPMSampler bfloat16", *PARALLEL_ROWS]
 
 
 def test_try_build():
