@@ -22,6 +22,11 @@ TORCH_LIBRARY(ddpm_fast, m) {
   m.def("p_step(Tensor x_t, Tensor model_output, Tensor t, Tensor table, Tensor? noise, int seed, "
         "int sample_offset, Tensor? rng, int prediction, int variance, int form, bool clip_sample, "
         "float clip_range, bool channels_last) -> Tensor");
+  // One Picard iteration of parallel sampling (ddpm_fast/reference/picard.py): x [A, P + 1, C, ...]
+  // window states, model_output [A, P, C', ...], t int64 [A, P] (negative: past the last step),
+  // sample int64 [A] each image's global index.  Returns (x' like x, err float32 [A, P]).
+  m.def("picard_step(Tensor x, Tensor model_output, Tensor t, Tensor table, Tensor sample, int seed, "
+        "int prediction, int variance, int form, bool clip_sample, float clip_range) -> (Tensor, Tensor)");
   // y = act(GN(x + add) * (1 + scale) + shift); weight, bias [C] and add, scale, shift [B, C] float32.
   // Returns (y, mean, rstd): float32 [B, G] statistics of x + add for the backward, the mean taken
   // relative to the group's first value (csrc/include/ddpm_fast/group_norm.h).

@@ -8,9 +8,11 @@ from .ops import (
     group_norm,
     p_step,
     philox_randn,
+    picard_step,
     q_sample,
     rng_tensor,
 )
+from .parallel import ParallelConfig
 from .sampler import DDPMSampler, to_uint8
 from .schedule import NoiseSchedule
 from . import losses, models
@@ -24,6 +26,7 @@ __all__ = [
     "FusedGroupNorm",
     "FusedGroupNormSiLU",
     "NoiseSchedule",
+    "ParallelConfig",
     "accelerate",
     "attention",
     "available_backends",
@@ -32,6 +35,7 @@ __all__ = [
     "losses",
     "p_step",
     "philox_randn",
+    "picard_step",
     "q_sample",
     "reference",
     "rng_tensor",

@@ -42,6 +42,11 @@ def _p_step_fake(x_t, model_output, t, table, noise, seed, sample_offset, rng, p
     return torch.empty_like(x_t, memory_format=_layout(channels_last))
 
 
+@_extension_fake("ddpm_fast::picard_step")
+def _picard_step_fake(x, model_output, t, table, sample, seed, prediction, variance, form, clip_sample, clip_range):
+    return torch.empty_like(x), x.new_empty(t.shape, dtype=torch.float32)
+
+
 @_extension_fake("ddpm_fast::group_norm")
 def group_norm_fake(x, num_groups, weight, bias, eps, add, scale, shift, silu, channels_last):
     """(y, mean, rstd) of a group_norm op (the CPU/CUDA one here, the Triton one in ddpm_fast.triton.group_norm)."""

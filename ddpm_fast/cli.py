@@ -371,6 +371,18 @@ def cmd_sample(args: argparse.Namespace) -> int:
         existing = os.path.dirname(existing)
     if not os.access(existing, os.W_OK):
         return fail(f"--out: cannot write to {existing!r}")
+    parallel = None
+    if args.parallel_window is not None:
+        from .parallel import ParallelConfig
+
+        if args.parallel_window <= 0:
+            return fail(f"--parallel-window: expected a positive number of steps, got {args.parallel_window}")
+        tol = 0.1 if args.parallel_tol is None else args.parallel_tol
+        if not 0 <= tol < float("inf"):
+            return fail(f"--parallel-tol: expected a finite number >= 0, got {args.parallel_tol}")
+        parallel = ParallelConfig(window=args.parallel_window, tol=tol)
+    elif args.parallel_tol is not None:
+        return fail("--parallel-tol: needs --parallel-window")
     try:
         model, schedule, options = load_for_sampling(args.model)
     except (FileNotFoundError, ValueError, TypeError) as e:
@@ -387,13 +399,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
         torch.cuda.set_device(device)
     try:
         sampler = DDPMSampler(model.to(device), schedule, backend=args.backend, dtype=args.dtype, device=device,
-                              cuda_graphs=False if args.no_graphs else None, **options)
+                              cuda_graphs=False if args.no_graphs else None, parallel=parallel,
+                              **options)
     except ValueError as e:
         return fail(str(e))
     run = runs.Run(out, runs.manifest(
         model_path=args.model or DEFAULT_MODEL, seed=args.seed, steps=steps, schedule=schedule,
         sampling=sampler.options, dtype=str(sampler.dtype).replace("torch.", ""), sample_shape=sampler.default_shape,
-        num_images=args.num, chunk_size=args.chunk_size, version=__version__))
+        num_images=args.num, chunk_size=args.chunk_size, version=__version__,
+        parallel=None if parallel is None else dict(window=parallel.window, tol=parallel.tol,
+                                                    max_iters=parallel.max_iters)))
 
     # Rank 0 checks or starts the run in out and deals out the chunks still missing; the process group
     # lives only for that: afterwards each process writes its own chunks and rank 0 watches them land.
@@ -509,6 +524,9 @@ def parser() -> argparse.ArgumentParser:
     bar.add_argument("--progress", action="store_true", default=None,
                      help="show a progress bar (the default when stderr is a terminal)")
     bar.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    sa.add_argument("--parallel-window", type=int, help="parallel-in-time sampling: refine this many steps at once "
+                    "(Picard iterations; the images stay within the tolerance of the sequential ones)")
+    sa.add_argument("--parallel-tol", type=float, help="convergence tolerance of --parallel-window (default 0.1)")
     sa.set_defaults(func=cmd_sample)
     ve = sub.add_parser("verify", help="re-check a sampling run's chunks and samples.npz against its run.json",
                         description="Re-check a `ddpm-fast sample` run: each chunk against its sha256 and the "

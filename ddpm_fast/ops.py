@@ -22,6 +22,7 @@ from . import reference as ref
 from .reference.attention import MAX_KERNEL_HEAD_DIM, attention_math, check_attention
 from .reference.group_norm import check_group_norm, group_norm_math
 from .reference.p_step import check_p_step, p_step_math
+from .reference.picard import check_picard_step, picard_step_math
 from .reference.philox import STREAM_Q_SAMPLE, STREAM_STEP, split_seed
 from .reference.q_sample import check_q_sample, draw_seed, q_sample_math
 from .schedule import DeviceTables, NoiseSchedule
@@ -34,6 +35,7 @@ KERNELS = {
     "philox_randn": ("cpu", "cuda", "triton"),
     "q_sample": ("cpu", "cuda", "triton"),
     "p_step": ("cpu", "cuda", "triton"),
+    "picard_step": ("cpu", "cuda", "triton"),
     "group_norm": ("cpu", "cuda", "triton"),
     # Triton first: it also takes fp32, and it is the path the test suite proves on every machine.
     "attention": ("triton", "cuda"),
@@ -295,6 +297,55 @@ def p_step(
     else:
         kernel = torch.ops.ddpm_fast.p_step
     return kernel(*kernel_args)
+
+
+def picard_step(
+    x: torch.Tensor,
+    model_output: torch.Tensor,
+    t: torch.Tensor,
+    schedule: Union[NoiseSchedule, DeviceTables],
+    sample: torch.Tensor,
+    seed: int,
+    prediction: str = "epsilon",
+    variance: str = "fixed_small",
+    clip_sample: bool = True,
+    clip_range: float = 1.0,
+    form: str = "posterior",
+    backend: str = "auto",
+):
+    """One Picard iteration over windows of reverse steps: (x', err) for window states x [A, P + 1, C, ...],
+    model outputs [A, P, C, ...] at t [A, P] (negative: past the last step), images sample [A]
+    (see ddpm_fast.reference.picard for the math).  x' has x's dtype, err is float32 [A, P]."""
+    opts = (prediction, variance, clip_sample, clip_range, form)
+    sched = check_picard_step(x, model_output, t, schedule, sample, seed, *opts)
+    which = pick_backend("picard_step", backend, x.device, x.dtype, _needs_grad(x, model_output))
+    if which == "reference":
+        return picard_step_math(x, model_output, t, sched, sample, seed, *opts,
+                                noise=_window_noise(x, t, sample, seed))
+    kernel_args = (x.contiguous(), model_output.to(x.dtype).contiguous(), t.contiguous(), sched.to(x.device).table,
+                   sample.contiguous(), seed_bits(seed), _checks.PREDICTIONS.index(prediction),
+                   _checks.VARIANCES.index(variance), _checks.FORMS.index(form), bool(clip_sample), float(clip_range))
+    if which == "triton":
+        from .triton.picard import picard_step as kernel
+    else:
+        kernel = torch.ops.ddpm_fast.picard_step
+    return kernel(*kernel_args)
+
+
+def _window_noise(x, t, sample, seed):
+    """The contract's step noise for every window position, from the fastest philox_randn backend
+    (the numbers p_step's reference path draws, so a window of 1 matches it bit for bit)."""
+    A, P = t.shape
+    shape = x.shape[2:]
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    t = t.clamp(min=0)
+    first = int(sample[0]) if A else 0
+    if torch.equal(sample.cpu(), torch.arange(first, first + A)):  # a run of consecutive images: one draw per position
+        cols = [philox_randn((A, *shape), seed, t[:, j], STREAM_STEP, first, x.device, dtype) for j in range(P)]
+        return torch.stack(cols, dim=1)
+    rows = [torch.stack([philox_randn((1, *shape), seed, t[a, j:j + 1], STREAM_STEP, int(sample[a]), x.device, dtype)[0]
+                         for j in range(P)]) for a in range(A)]
+    return torch.stack(rows)
 
 
 # ------------------------------------------------------------------- U-Net layers

@@ -33,7 +33,7 @@ MANIFEST, CHUNKS, SAMPLES, DIGEST, GRID = "run.json", "chunks", "samples.npz", "
 # The manifest fields that fix the images, in the order they are checked, and the option that sets each.
 IDENTITY = {"model": "--model", "seed": "--seed", "steps": "--steps", "dtype": "--dtype", "schedule": "--model",
             "sampling": "--model", "sample_shape": "--model", "num_images": "--num-images",
-            "chunk_size": "--chunk-size"}
+            "chunk_size": "--chunk-size", "parallel": "--parallel-window"}
 # A fixed zip timestamp: the same images give the same bytes, so one sha256 names them.
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json")
@@ -85,12 +85,15 @@ def schedule_id(schedule) -> dict:
 
 
 def manifest(*, model_path: str, seed: int, steps: int, schedule, sampling: dict, dtype: str,
-             sample_shape: Sequence[int], num_images: int, chunk_size: int, version: str) -> dict:
+             sample_shape: Sequence[int], num_images: int, chunk_size: int, version: str,
+             parallel: Optional[dict] = None) -> dict:
     return {"format": FORMAT, "ddpm_fast": version,
             "model": {"path": os.path.abspath(model_path), "sha256": model_digest(model_path)},
             "seed": int(seed), "steps": int(steps), "dtype": dtype, "schedule": schedule_id(schedule),
             "sampling": {k: sampling[k] for k in sorted(sampling)}, "sample_shape": [int(s) for s in sample_shape],
-            "num_images": int(num_images), "chunk_size": int(chunk_size)}
+            "num_images": int(num_images), "chunk_size": int(chunk_size),
+            # parallel-in-time sampling changes the images (within its tolerance): part of what they are
+            "parallel": parallel}
 
 
 # ----------------------------------------------------------------------------------------- atomic files

@@ -15,6 +15,8 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 
 from . import ops
+from .parallel import ParallelConfig, ParallelStats
+from .parallel import run as run_parallel
 from .reference.philox import STREAM_INIT
 from .schedule import NoiseSchedule
 
@@ -59,7 +61,8 @@ class DDPMSampler:
                  prediction: str = "epsilon", variance: Optional[str] = None, clip_sample: bool = True,
                  clip_range: float = 1.0, form: str = "posterior", backend: str = "auto",
                  dtype: Union[str, torch.dtype] = torch.float32, cuda_graphs: Optional[bool] = None,
-                 channels_last: bool = False, device: Union[str, torch.device, None] = None):
+                 channels_last: bool = False, device: Union[str, torch.device, None] = None,
+                 parallel: Optional[ParallelConfig] = None):
         if not callable(model):
             raise TypeError(f"model: expected a torch module or a callable eps_model(x, t), got {type(model).__name__}")
         self.model = model
@@ -92,6 +95,10 @@ class DDPMSampler:
         if self.cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs: CUDA graphs need a CUDA device")
         self.channels_last = channels_last
+        if parallel is not None and not isinstance(parallel, ParallelConfig):
+            raise TypeError(f"parallel: expected a ParallelConfig or None, got {type(parallel).__name__}")
+        self.parallel = parallel
+        self.parallel_stats: Optional[ParallelStats] = None  # per image of the last sample() with parallel
         if isinstance(model, torch.nn.Module):
             model.eval()
             if channels_last:
@@ -149,20 +156,26 @@ class DDPMSampler:
                 bar, own_bar = tqdm(total=num_images * len(ts), unit="img-step"), True
             except ImportError:
                 pass
-        out = []
+        out, stats = [], []
         graphs = {}  # batch size -> captured step, reused by every batch of that size
         for i0 in range(start_index, start_index + num_images, batch_size):
             b = min(batch_size, start_index + num_images - i0)
             x = ops.philox_randn((b, *shape), seed, t=0, stream=STREAM_INIT, sample_offset=i0, device=self.device)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            if self.cuda_graphs:
+            if self.parallel is not None:
+                x, st = run_parallel(self, x, tables, t_model, seed, i0, self.parallel, bar)
+                stats.append(st)
+            elif self.cuda_graphs:
                 x = self._run_graphed(x, tables, t_model, seed, i0, bar, graphs)
             else:
                 x = self._run_eager(x, tables, t_model, seed, i0, bar)
             out.append(x.float().cpu())
         if own_bar:
             bar.close()
+        if stats:
+            self.parallel_stats = ParallelStats(torch.cat([s.rounds for s in stats]),
+                                                torch.cat([s.evaluations for s in stats]))
         images = torch.cat(out)
         return images.clamp(-1, 1) if self.options["clip_sample"] else images
 

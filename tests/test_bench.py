@@ -179,6 +179,11 @@ def test_missing_optional_packages_skip_their_rows_and_are_reported_once(tmp_pat
     assert [s for s in said if "matplotlib" in s] == ["no PNG plot: it needs matplotlib (pip install matplotlib)"]
 
 
+# e2e's parallel-in-time rows on the CPU, for batch 1 and 8
+PARALLEL_ROWS = 2 * ["DDPMSampler fp32 sequential",
+                     *(f"DDPMSampler fp32 parallel window {w} tol 0.1" for w in (16, 32, 64))]
+
+
 def test_suites_build_their_cases_without_diffusers(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)
     for op, suite in bench.SUITES.items():
@@ -187,7 +192,7 @@ def test_suites_build_their_cases_without_diffusers(monkeypatch):
         assert impls and not any("diffusers" in i or "Scheduler" in i for i in impls), (op, impls)
         assert all(c.op != "attention block" for c in cases)  # diffusers' Attention module
         if op == "e2e":
-            assert impls == ["DDPMSampler float32", "DDPMSampler bfloat16"]
+            assert impls == ["DDPMSampler float32", "DDPMSampler bfloat16", *PARALLEL_ROWS]
         if op == "train":
             assert impls == ["ours fp32 (accelerate + eps_mse)", "ours bf16 autocast (accelerate + eps_mse)"]
 
@@ -197,7 +202,7 @@ def test_e2e_builds_the_diffusers_rows_where_diffusers_imports():
     pytest.importorskip("diffusers")
     impls = [c.impl for c in bench.e2e.cases("e2e", CPU, True)]
     assert impls == ["diffusers DDPMPipeline fp32", "diffusers DDPMPipeline bf16 autocast", "FastDDPMScheduler",
-                     "accelerate + FastDDPMScheduler", "DDPMSampler float32", "DDPMSampler bfloat16"]
+                     "accelerate + FastDDPMScheduler", "DDPMSampler float32", "DDPMSampler bfloat16", *PARALLEL_ROWS]
 
 
 @pytest.mark.slow
@@ -231,3 +236,30 @@ def test_try_build():
     stand_in = harness.try_build(unbuildable)
     with pytest.raises(OSError, match="no compiler"):
         stand_in(1, key=2)
+
+
+@pytest.mark.slow
+def test_parallel_rows_report_rounds_evaluations_and_error(tmp_path, monkeypatch):
+    """e2e's parallel-in-time rows, on a small U-Net: sequential baseline and windows 16/32/64 at batch 1
+    and 8, each with its rounds, model evaluations and error against the sequential images."""
+    from ddpm_fast.bench import e2e
+    from ddpm_fast.models import DDPMUNet
+
+    torch.manual_seed(0)
+    net = DDPMUNet(in_channels=3, out_channels=3, ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
+                   dropout=0.0, image_size=8, num_groups=4)
+    monkeypatch.setattr(bench, "SUITES", {"e2e": lambda op, dev, quick: e2e.parallel_cases(op, dev, net, 20)})
+    monkeypatch.setattr(bench, "measure_floors", lambda device, quick: dict(FLOORS))
+    out = run(["e2e"], quick=True, out_dir=str(tmp_path), device="cpu", command="test", echo=lambda *_: None)
+    rows = out["rows"]
+    assert [(r.size, r.baseline) for r in rows] == [(f"b{b} parallel", i == 0) for b in (1, 8) for i in range(4)]
+    for r in rows:
+        assert r.status == "ok", r.status
+        assert 1 <= r.rounds_per_image <= 20 and r.evals_per_image >= r.rounds_per_image
+        assert 0 <= r.max_err_vs_sequential < 0.5
+    par = [r for r in rows if not r.baseline]
+    assert all(r.rounds_per_image < 20 for r in par)  # windows of 16 and more take fewer rounds than steps
+    assert all(set(r.vs) == {next(b.impl for b in rows if b.baseline)} for r in par)
+    md = (tmp_path / "bench-cpu-quick.md").read_text()
+    assert "Parallel-in-time sampling (20 steps per call" in md and "| b8 parallel | DDPMSampler fp32 parallel " \
+        "window 64 tol 0.1 |" in md

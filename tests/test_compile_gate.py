@@ -72,8 +72,8 @@ def test_every_triton_kernel_compiles_for_sm80_and_sm90(tmp_path):
     d = json.loads(out.read_text())
     assert d["problems"] == []
     kernels = {(s["kernel"], s["arch"]) for s in d["summary"]}
-    for name in ("_philox_randn_kernel", "_philox4x32_kernel", "_q_sample_kernel", "_p_step_kernel", "_gn_onchip",
-                 "_gn_stats", "_gn_norm", "_gnb_onchip", "_gnb_sums", "_gnb_dx", "_attention_fwd"):
+    for name in ("_philox_randn_kernel", "_philox4x32_kernel", "_q_sample_kernel", "_p_step_kernel", "_picard_kernel",
+                 "_gn_onchip", "_gn_stats", "_gn_norm", "_gnb_onchip", "_gnb_sums", "_gnb_dx", "_attention_fwd"):
         assert {(name, "sm_80"), (name, "sm_90")} <= kernels, name
     assert len({r["plan"] for r in d["records"]}) == len(gate.all_plans())
     print("\n" + gate.markdown(d["summary"]))

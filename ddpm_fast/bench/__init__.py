@@ -81,12 +81,13 @@ def _suite_rows(op: str, dev: torch.device, quick: bool, echo) -> Iterator[Row]:
         echo(f"  {case.op:10s} {case.size:14s} {case.impl}")
         try:
             timing, status = time_fn(case.fn, dev, min_time_s=0.1 if quick else 0.3), "ok"
+            measured = {"flops": case.flops, **(case.report() if case.report else {})}
         except Exception as e:
-            timing, status = {}, failure(e)
+            timing, status, measured = {}, failure(e), dict(flops=case.flops)
             echo(f"    {status}")
         yield Row(op=case.op, size=case.size, impl=case.impl, numel=case.numel,
-                  dtype=str(case.dtype).replace("torch.", ""), bytes=case.bytes, flops=case.flops,
-                  baseline=case.baseline, steps=case.steps, images=case.images, status=status, **timing)
+                  dtype=str(case.dtype).replace("torch.", ""), bytes=case.bytes, baseline=case.baseline,
+                  steps=case.steps, images=case.images, status=status, **measured, **timing)
 
 
 __all__ = ["Row", "run", "time_fn", "measure_floors", "metadata", "write_results", "finish_rows"]

@@ -5,7 +5,7 @@ torch.randn), and torch.compile of the reference with torch.randn inside."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -41,6 +41,8 @@ class Case:
     baseline: bool
     steps: int = 0  # end-to-end cases: sampling steps per call, and images per call
     images: int = 0
+    # Parallel-sampling cases: called after timing, the Row fields it measures (rounds, evaluations, error).
+    report: Optional[Callable[[], dict]] = None
 
 
 def kernel_backends(op: str, device: torch.device) -> List[str]:

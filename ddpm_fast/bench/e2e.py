@@ -2,6 +2,11 @@
 with random weights, timed over a number of steps and reported per step and as images/s for the
 full 1000 steps (every step costs the same: one U-Net call and one update).
 
+Parallel-in-time rows (size "bN parallel", batch 1 and 8): the sequential DDPMSampler (CUDA graphs on
+CUDA; the baseline) against ParallelConfig windows of 16, 32 and 64 steps at tol 0.1, each running
+all its steps, with rounds and model evaluations per image and the largest pixel difference from
+the sequential images.
+
 Variants: diffusers' DDPMPipeline in fp32 and under bf16 autocast, torch.compile(max-autotune) of
 its UNet (GPU only), FastDDPMScheduler alone, accelerate() + FastDDPMScheduler (these four need
 diffusers), and DDPMSampler in fp32 and bf16 with CUDA graphs on and off (graphs on CUDA only).
@@ -19,6 +24,8 @@ from .diffusion import Case
 from .harness import optional, try_build
 
 GFLOP_PER_IMAGE_STEP = 12.1
+PARALLEL_WINDOWS = (16, 32, 64)
+PARALLEL_TOL = 0.1
 FULL_STEPS = 1000
 CIFAR10 = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(128, 256, 256, 256),
                down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
@@ -89,3 +96,43 @@ def cases(op: str, device: torch.device, quick: bool) -> Iterator[Case]:
                 name = f"DDPMSampler {str(dtype)[6:]}" + (" graphs" if graphs else "")
                 yield Case(impl=name, fn=lambda s=sampler, b=batch: s(b, seed=0, num_steps=steps),
                            baseline=False, **dict(common, dtype=dtype))
+    yield from parallel_cases(op, device, ours, steps)
+
+
+def parallel_cases(op: str, device: torch.device, model, steps: int) -> Iterator[Case]:
+    """Sequential vs parallel-in-time sampling of the same images (seed 0) at batch 1 and 8."""
+    from .. import DDPMSampler, ParallelConfig
+
+    graphs = device.type == "cuda"
+    for batch in (1, 8):
+        common = dict(op=op, size=f"b{batch} parallel", numel=batch * 3 * 32 * 32, dtype=torch.float32, bytes=0,
+                      flops=int(GFLOP_PER_IMAGE_STEP * 1e9 * batch * steps), steps=steps, images=batch)
+        seq = try_build(lambda: DDPMSampler(model, cuda_graphs=graphs, device=device).sample)
+        images = {}
+
+        def sequential(s=seq, b=batch):
+            images[b] = s(b, seed=0, num_steps=steps)
+            return images[b]
+
+        yield Case(impl="DDPMSampler fp32" + (" graphs" if graphs else "") + " sequential", fn=sequential,
+                   baseline=True, report=lambda: dict(rounds_per_image=float(steps), evals_per_image=float(steps),
+                                                      max_err_vs_sequential=0.0), **common)
+        for window in PARALLEL_WINDOWS:
+            par = try_build(lambda: DDPMSampler(model, cuda_graphs=graphs, device=device,
+                                                parallel=ParallelConfig(window=window, tol=PARALLEL_TOL)).sample)
+            out = {}
+
+            def run(p=par, b=batch, o=out):
+                o["images"] = p(b, seed=0, num_steps=steps)
+                return o["images"]
+
+            def report(p=par, b=batch, o=out, seq_fn=sequential):
+                want = images[b] if b in images else seq_fn()
+                st = p.__self__.parallel_stats
+                return dict(rounds_per_image=st.rounds.float().mean().item(),
+                            evals_per_image=st.evaluations.float().mean().item(),
+                            max_err_vs_sequential=(o["images"] - want).abs().max().item(),
+                            flops=int(GFLOP_PER_IMAGE_STEP * 1e9 * int(st.evaluations.sum())))
+
+            yield Case(impl=f"DDPMSampler fp32 parallel window {window} tol {PARALLEL_TOL}", fn=run, baseline=False,
+                       report=report, **common)

@@ -149,6 +149,11 @@ class Row:
     images: int = 0
     ms_per_step: Optional[float] = None
     images_per_s_1000_steps: Optional[float] = None
+    # Parallel-in-time sampling rows: per image, rounds (batched model calls in sequence) and model
+    # evaluations, and the largest |pixel| difference from the sequential sampler's images.
+    rounds_per_image: Optional[float] = None
+    evals_per_image: Optional[float] = None
+    max_err_vs_sequential: Optional[float] = None
     status: str = "ok"  # or failure(e); result files from before this field have none and are all ok
 
 
@@ -245,7 +250,7 @@ def markdown(rows: List[Row], floors: Dict[str, float], meta: Dict[str, object])
             continue
         vs = ", ".join(f"{k} {v:.2f}x" for k, v in r.vs.items())
         lines.append(f"{name} {r.median_ms:.4f} | {r.gbps:.2f} | {100 * r.frac_copy_floor:.1f}% | {vs} |")
-    e2e = [r for r in rows if r.steps and r.op != "train"]
+    e2e = [r for r in rows if r.steps and r.op != "train" and "parallel" not in r.size]
     if e2e:
         lines += ["", f"End to end ({e2e[0].steps} steps timed per call; every one of the 1000 steps costs the same):",
                   "", "| batch | impl | dtype | ms per step | images/s (1000 steps) | MFU | vs baselines |",
@@ -271,6 +276,19 @@ def markdown(rows: List[Row], floors: Dict[str, float], meta: Dict[str, object])
             vs = ", ".join(f"{k} {v:.2f}x" for k, v in r.vs.items())
             mfu = "" if r.frac_matmul_floor is None else f"{100 * r.frac_matmul_floor:.1f}%"
             lines.append(f"{name} {r.median_ms:.1f} | {r.images / r.median_ms * 1e3:.2f} | {mfu} | {vs} |")
+    par = [r for r in rows if r.steps and "parallel" in r.size]
+    if par:
+        lines += ["", f"Parallel-in-time sampling ({par[0].steps} steps per call, all of them run; latency per call):",
+                  "", "| batch | impl | latency ms | rounds per image | model evals per image | max err vs sequential "
+                  "| vs sequential |", "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+        for r in par:
+            name = f"| {r.size} | {r.impl}{' (baseline)' if r.baseline else ''} |"
+            if r.status != "ok":
+                lines.append(f"{name} {r.status} | | | | |")
+                continue
+            vs = ", ".join(f"{v:.2f}x" for v in r.vs.values())
+            lines.append(f"{name} {r.median_ms:.1f} | {r.rounds_per_image:.1f} | {r.evals_per_image:.0f} | "
+                         f"{r.max_err_vs_sequential:.2e} | {vs} |")
     return "\n".join(lines) + "\n"
 
 

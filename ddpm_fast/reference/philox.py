@@ -81,15 +81,24 @@ def philox_randn(
     shape = tuple(int(s) for s in shape)
     if len(shape) < 1:
         raise ValueError("shape: expected at least a batch dimension")
+    device = torch.device(device) if device is not None else (t.device if isinstance(t, torch.Tensor) else torch.device("cpu"))
+    i = torch.arange(shape[0], dtype=torch.int64, device=device) + sample_offset
+    return philox_randn_at(shape, seed, t, i, stream, dtype)
+
+
+def philox_randn_at(shape: Sequence[int], seed: int, t: Union[int, torch.Tensor], sample: torch.Tensor,
+                    stream: int = STREAM_STEP, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """philox_randn with each row's global sample index given: ``sample`` is an int64 [B] tensor."""
+    shape = tuple(int(s) for s in shape)
     B = shape[0]
     n = 1
     for s in shape[1:]:
         n *= s
     k0, k1 = split_seed(seed)
-    device = torch.device(device) if device is not None else (t.device if isinstance(t, torch.Tensor) else torch.device("cpu"))
+    device = sample.device
     tt = torch.as_tensor(t, dtype=torch.int64, device=device).reshape(-1)
     tt = tt.expand(B) if tt.numel() == 1 else tt
-    i = torch.arange(B, dtype=torch.int64, device=device) + sample_offset
+    i = sample.to(torch.int64)
     groups = (n + 3) // 4
     g = torch.arange(groups, dtype=torch.int64, device=device)
     r0, r1, r2, r3 = philox4x32_10(g[None, :], (i & M32)[:, None], (tt & M32)[:, None], stream & M32, k0, k1)

@@ -93,6 +93,22 @@ def _elementwise_plans() -> Iterator[Plan]:
     yield Plan("philox4x32", "N=100", dict(N=100))
 
 
+def _picard_plans() -> Iterator[Plan]:
+    # Every constexpr combination in float32 at a window of 16 over a 3x32x32 image (several programs
+    # per image), each variance in the half dtypes, then windows of one image element (N = 1: one
+    # masked Philox group) and odd sizes.
+    for pred, var, form, clip in itertools.product(range(3), range(3), range(2), (False, True)):
+        yield Plan("picard_step", f"float32 prediction={pred} variance={var} form={form} clip={clip}",
+                   dict(dtype="float32", shape=(2, 17, 3, 32, 32), prediction=pred, variance=var, form=form, clip=clip))
+    for dtype, var in itertools.product(DTYPES, range(3)):
+        if dtype != "float32":
+            yield Plan("picard_step", f"{dtype} variance={var}", dict(dtype=dtype, shape=(2, 17, 3, 32, 32),
+                                                                     prediction=0, variance=var, form=0, clip=True))
+        for shape in ((1, 2, 1, 1, 1), (3, 6, 5, 7, 9)):
+            yield Plan("picard_step", f"{dtype} {'x'.join(map(str, shape))} variance={var}",
+                       dict(dtype=dtype, shape=shape, prediction=0, variance=var, form=0, clip=True))
+
+
 def _group_norm_plans() -> Iterator[Plan]:
     # Forward and backward, each path (on-chip: split=1 on a group that fits; split: split=4) and
     # layout, every flag at the CIFAR U-Net's shape, then the specialising shapes with all flags and
@@ -128,7 +144,8 @@ def _attention_plans() -> Iterator[Plan]:
 
 
 PLAN_SETS: Dict[str, Callable[[], Iterator[Plan]]] = {
-    "elementwise": _elementwise_plans, "group_norm": _group_norm_plans, "attention": _attention_plans}
+    "elementwise": _elementwise_plans, "picard": _picard_plans, "group_norm": _group_norm_plans,
+    "attention": _attention_plans}
 
 
 def all_plans(only: Optional[List[str]] = None) -> List[Plan]:
@@ -164,6 +181,16 @@ def _run_plan(plan: Plan) -> None:
         attention(q, k, v, d ** -0.5)
         return
     shape = a["shape"]
+    if plan.op == "picard_step":
+        from .picard import picard_step
+
+        A, P1, C = shape[:3]
+        out_shape = (A, P1 - 1, 2 * C if a["variance"] == 2 else C, *shape[3:])
+        table = NoiseSchedule.linear(1000, 1e-4, 0.02).to("cpu").table
+        picard_step(torch.empty(shape, dtype=dtype), torch.empty(out_shape, dtype=dtype),
+                    torch.zeros(A, P1 - 1, dtype=torch.long), table, torch.zeros(A, dtype=torch.long), 12345,
+                    a["prediction"], a["variance"], a["form"], a["clip"], 1.0)
+        return
     fmt = torch.channels_last if a.get("layout") == "channels_last" else torch.contiguous_format
     if plan.op in ("group_norm", "group_norm_backward"):
         from .group_norm import group_norm, group_norm_backward
@@ -353,8 +380,8 @@ def markdown(rows: List[dict]) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ddpm_fast.triton.compile_gate", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default=",".join(map(str, ARCHS)), help="compute capabilities, e.g. 80,90")
-    p.add_argument("--only", help="comma-separated ops (philox_randn, philox4x32, q_sample, p_step, group_norm, "
-                                  "group_norm_backward, attention)")
+    p.add_argument("--only", help="comma-separated ops (philox_randn, philox4x32, q_sample, p_step, picard_step, "
+                                  "group_norm, group_norm_backward, attention)")
     p.add_argument("--jobs", type=int, default=0, help="compile processes (default: one per CPU)")
     p.add_argument("--spill-budget", type=int, default=SPILL_BUDGET, help="spill bytes allowed per kernel")
     p.add_argument("--json", help="write every record and the summary here")

@@ -60,32 +60,11 @@ def normal_tile(seed, group, sample, t, stream):
 
 
 @triton.jit
-def _p_step_kernel(x_ptr, out_ptr, noise_ptr, y_ptr, t_ptr, table_ptr, T, seed, sample_offset, rng_ptr, N, C, HW,
-                   clip_range, PREDICTION: tl.constexpr, VARIANCE: tl.constexpr, FORM: tl.constexpr,
-                   CLIP: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_RNG: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                   BLOCK: tl.constexpr):
-    b = tl.program_id(1)
-    group = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    t = tl.minimum(tl.maximum(tl.load(t_ptr + b), 0), T - 1)
+def step_value(x, o, v, z, t, table_ptr, T, clip_range, PREDICTION: tl.constexpr, VARIANCE: tl.constexpr,
+               FORM: tl.constexpr, CLIP: tl.constexpr):
+    """x_{t-1} = mean + sigma_t z for one tile (t in [0, T)); v is read for learned_range only."""
     s1 = tl.load(table_ptr + ROW_SQRT_ABAR * T + t)
     s2 = tl.load(table_ptr + ROW_SQRT_1M_ABAR * T + t)
-    j, m, mask = tile_offsets(group, N, C, HW, CHANNELS_LAST)
-    base = b.to(tl.int64) * N
-    x = tl.load(x_ptr + base + m, mask=mask, other=0.0).to(tl.float32)
-    if VARIANCE == 2:  # learned_range: out is [B, 2C, ...] in x's layout, v in the second half
-        if CHANNELS_LAST:
-            mo = (j % HW) * 2 * C + j // HW
-            mv = mo + C
-        else:
-            mo = j
-            mv = j + N
-        obase = b.to(tl.int64) * 2 * N
-    else:
-        mo = m
-        mv = m
-        obase = base
-    o = tl.load(out_ptr + obase + mo, mask=mask, other=0.0).to(tl.float32)
-
     if PREDICTION == 0:
         x0 = (x - s2 * o) / s1
     elif PREDICTION == 1:
@@ -104,7 +83,6 @@ def _p_step_kernel(x_ptr, out_ptr, noise_ptr, y_ptr, t_ptr, table_ptr, T, seed, 
         mean = tl.load(table_ptr + ROW_RECIP_SQRT_ALPHA * T + t) * (x - tl.load(table_ptr + ROW_EPS_COEF * T + t) * e)
 
     if VARIANCE == 2:
-        v = tl.load(out_ptr + obase + mv, mask=mask, other=0.0).to(tl.float32)
         f = (v + 1.0) * 0.5
         lb = tl.load(table_ptr + ROW_LOG_BETAS * T + t)
         lp = tl.load(table_ptr + ROW_POST_LOGVAR * T + t)
@@ -113,12 +91,43 @@ def _p_step_kernel(x_ptr, out_ptr, noise_ptr, y_ptr, t_ptr, table_ptr, T, seed, 
         sigma = tl.sqrt(tl.load(table_ptr + ROW_BETAS * T + t))
     else:
         sigma = tl.sqrt(tl.load(table_ptr + ROW_POST_VAR * T + t))
+    return mean + tl.where(t > 0, sigma, 0.0) * z
+
+
+@triton.jit
+def _p_step_kernel(x_ptr, out_ptr, noise_ptr, y_ptr, t_ptr, table_ptr, T, seed, sample_offset, rng_ptr, N, C, HW,
+                   clip_range, PREDICTION: tl.constexpr, VARIANCE: tl.constexpr, FORM: tl.constexpr,
+                   CLIP: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_RNG: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    b = tl.program_id(1)
+    group = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    t = tl.minimum(tl.maximum(tl.load(t_ptr + b), 0), T - 1)
+    j, m, mask = tile_offsets(group, N, C, HW, CHANNELS_LAST)
+    base = b.to(tl.int64) * N
+    x = tl.load(x_ptr + base + m, mask=mask, other=0.0).to(tl.float32)
+    if VARIANCE == 2:  # learned_range: out is [B, 2C, ...] in x's layout, v in the second half
+        if CHANNELS_LAST:
+            mo = (j % HW) * 2 * C + j // HW
+            mv = mo + C
+        else:
+            mo = j
+            mv = j + N
+        obase = b.to(tl.int64) * 2 * N
+    else:
+        mo = m
+        mv = m
+        obase = base
+    o = tl.load(out_ptr + obase + mo, mask=mask, other=0.0).to(tl.float32)
+    if VARIANCE == 2:
+        v = tl.load(out_ptr + obase + mv, mask=mask, other=0.0).to(tl.float32)
+    else:
+        v = o
     if HAS_NOISE:
         z = tl.load(noise_ptr + base + m, mask=mask, other=0.0).to(tl.float32)
     else:
         key, first = philox_key(seed, sample_offset, rng_ptr, HAS_RNG)
         z = normal_tile(key, group, b + first, t, 0)
-    y = mean + tl.where(t > 0, sigma, 0.0) * z
+    y = step_value(x, o, v, z, t, table_ptr, T, clip_range, PREDICTION, VARIANCE, FORM, CLIP)
     tl.store(y_ptr + base + m, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 

@@ -84,4 +84,28 @@ inline const float* float_param(const std::optional<at::Tensor>& p, int64_t nume
   return p->data_ptr<float>();
 }
 
+// picard_step: x [A, P + 1, C, ...] window states, model_output [A, P, C (2C for learned_range), ...]
+// in x's dtype, t int64 [A, P], sample int64 [A], all contiguous on x's device; returns P.
+inline int64_t check_picard(const at::Tensor& x, const at::Tensor& out, const at::Tensor& t, const at::Tensor& sample,
+                            const at::Tensor& table, int64_t variance) {
+  TORCH_CHECK(x.dim() >= 3 && x.size(1) >= 2 && x.is_contiguous(), "x: expected contiguous [A, P + 1, C, ...] states");
+  check_kernel_dtype(x, "x");
+  const int64_t A = x.size(0), P = x.size(1) - 1, C = x.size(2);
+  const int64_t channels = variance == kLearnedRange ? 2 * C : C;
+  TORCH_CHECK(out.dim() == x.dim() && out.size(0) == A && out.size(1) == P && out.size(2) == channels &&
+                  out.numel() == (x.numel() / (P + 1) / C) * P * channels && out.dtype() == x.dtype() &&
+                  out.device() == x.device() && out.is_contiguous(),
+              "model_output: expected contiguous [A, P, ", channels, ", ...] in the states' dtype and device");
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == A && t.size(1) == P && t.scalar_type() == at::kLong && t.is_contiguous() &&
+                  t.device() == x.device(),
+              "t: expected contiguous int64 [A, P] on the states' device");
+  TORCH_CHECK(sample.dim() == 1 && sample.size(0) == A && sample.scalar_type() == at::kLong && sample.is_contiguous() &&
+                  sample.device() == x.device(),
+              "sample: expected contiguous int64 [A] on the states' device");
+  TORCH_CHECK(table.dim() == 2 && table.size(0) == kTableRows && table.scalar_type() == at::kFloat &&
+                  table.is_contiguous() && table.device() == x.device(),
+              "table: expected the schedule's float32 [", int(kTableRows), ", T] table on the states' device");
+  return P;
+}
+
 }  // namespace ddpm_fast
