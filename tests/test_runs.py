@@ -99,7 +99,8 @@ def test_write_npz_streams_parts_into_what_np_load_reads(gen):
 
 def small_run(out, n=10, k=4):
     spec = dict(num_images=n, chunk_size=k, sample_shape=[1, 2, 3], seed=0, steps=1, dtype="float32",
-                schedule={}, sampling={}, model={"sha256": "x", "path": "nowhere"}, format=runs.FORMAT)
+                schedule={}, sampling={}, model={"sha256": "x", "path": "nowhere"}, parallel=None,
+                format=runs.FORMAT)
     return runs.Run(str(out), spec)
 
 
@@ -123,6 +124,10 @@ def test_chunks_are_named_by_global_indices_and_checked(tmp_path, gen):
     with pytest.raises(runs.RunMismatch, match="^--seed: seed differs") as e:
         other.prepare()
     assert (e.value.field, e.value.option) == ("seed", "--seed")
+    parallel = small_run(tmp_path)
+    parallel.spec["parallel"] = dict(window=16, tol=0.1, max_iters=None)  # other images, within its tolerance
+    with pytest.raises(runs.RunMismatch, match="^--parallel-window: parallel differs") as e:
+        parallel.prepare()
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "flip_byte", "no_sidecar", "wrong_shape"])
