@@ -48,8 +48,15 @@ def test_mfu_divides_by_the_floor_of_the_rows_dtype():
     rows = [harness.Row(op="e2e", size="b1", impl=impl, numel=1, dtype=dtype, bytes=0, flops=10**12, steps=1,
                         images=1, median_ms=1000.0) for impl, dtype in [("a", "float32"), ("b", "bfloat16"),
                                                                          ("c", "float16")]]
-    harness.finish_rows(rows, FLOORS)
+    harness.finish_rows(rows, dict(FLOORS))
     assert [r.frac_matmul_floor for r in rows] == [1.0, 0.5, None]  # no float16 floor measured: no MFU
+    fast = harness.Row(op="e2e", size="b1", impl="d", numel=1, dtype="float32", bytes=0, flops=10**12, steps=1,
+                       images=1, median_ms=500.0)  # 2 TFLOP/s, twice the float32 matmul
+    floors = dict(FLOORS)
+    harness.finish_rows(rows + [fast], floors)
+    assert floors["compute_tflops"] == {"float32": 2.0, "bfloat16": 2.0}
+    assert [r.frac_matmul_floor for r in rows + [fast]] == [0.5, 0.5, None, 1.0]  # <= 100% by construction
+    assert "rows beat the matmul, so the compute floors are float32 2.00" in harness.floors_text(floors)
     assert "| b1 | b | bfloat16 | 1000.00 | 0.0010 | 50.0% |" in harness.markdown(rows, FLOORS, META)
 
 

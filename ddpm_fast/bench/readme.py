@@ -1,6 +1,6 @@
 """The README's performance table, generated from committed result files:
 
-    python -m ddpm_fast.bench.readme benchmarks/results/bench-cpu.json [more.json ...] --write README.md
+    python -m ddpm_fast.bench.readme benchmarks/results/bench-cpu-quick.json [more.json ...] --write README.md
 
 Each file becomes one section naming its device, versions, date and command; the rows are the
 ddpm_fast implementations with their ratio to every baseline measured in the same run, and any of
