@@ -499,7 +499,7 @@ def parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmark the ops against eager, torch.compile and diffusers",
                            description="Benchmark the ops against eager, torch.compile and diffusers. Exit status 1 "
                            "when a case failed (its row in the results says why), after writing the results.")
-    bench.add_argument("--quick", action="store_true", help="two sizes, short timing (under 2 minutes on 2 CPU cores)")
+    bench.add_argument("--quick", action="store_true", help="two sizes, short timing (about 85 s on 2 CPU cores)")
     bench.add_argument("--only", help="comma-separated benchmarks to run (default: all)")
     bench.add_argument("--out", default="bench-results",
                        help="directory for the JSON/Markdown/PNG results (default: ./bench-results)")
