@@ -241,6 +241,20 @@ def write_results(name: str, rows: List[Row], floors: Dict[str, float], meta: Di
     return paths
 
 
+def _mfu_rows(rows: List[Row], figures: Callable[[Row], str]) -> List[str]:
+    """Table lines "| size | impl | dtype | <figures> | MFU | vs baselines |" of the end-to-end and training rows."""
+    out = []
+    for r in rows:
+        name = f"| {r.size} | {r.impl}{' (baseline)' if r.baseline else ''} | {r.dtype} |"
+        if r.status != "ok":
+            out.append(f"{name} {r.status} | | | |")
+            continue
+        vs = ", ".join(f"{k} {v:.2f}x" for k, v in r.vs.items())
+        mfu = "" if r.frac_matmul_floor is None else f"{100 * r.frac_matmul_floor:.1f}%"
+        out.append(f"{name} {figures(r)} | {mfu} | {vs} |")
+    return out
+
+
 def markdown(rows: List[Row], floors: Dict[str, float], meta: Dict[str, object]) -> str:
     lines = [
         f"Device: {meta['device_name']} ({meta['device']}), torch {meta['torch']}, triton {meta['triton']}, "
@@ -265,27 +279,13 @@ def markdown(rows: List[Row], floors: Dict[str, float], meta: Dict[str, object])
         lines += ["", f"End to end ({e2e[0].steps} steps timed per call; every one of the 1000 steps costs the same):",
                   "", "| batch | impl | dtype | ms per step | images/s (1000 steps) | MFU | vs baselines |",
                   "| --- | --- | --- | ---: | ---: | ---: | --- |"]
-        for r in e2e:
-            name = f"| {r.size} | {r.impl}{' (baseline)' if r.baseline else ''} | {r.dtype} |"
-            if r.status != "ok":
-                lines.append(f"{name} {r.status} | | | |")
-                continue
-            vs = ", ".join(f"{k} {v:.2f}x" for k, v in r.vs.items())
-            mfu = "" if r.frac_matmul_floor is None else f"{100 * r.frac_matmul_floor:.1f}%"
-            lines.append(f"{name} {r.ms_per_step:.2f} | {r.images_per_s_1000_steps:.4f} | {mfu} | {vs} |")
+        lines += _mfu_rows(e2e, lambda r: f"{r.ms_per_step:.2f} | {r.images_per_s_1000_steps:.4f}")
     train = [r for r in rows if r.op == "train"]
     if train:
         lines += ["", "Training (one step per call: forward, backward and Adam; 3x the forward's FLOPs):", "",
                   "| batch | impl | dtype | ms per step | images/s | MFU | vs baselines |",
                   "| --- | --- | --- | ---: | ---: | ---: | --- |"]
-        for r in train:
-            name = f"| {r.size} | {r.impl}{' (baseline)' if r.baseline else ''} | {r.dtype} |"
-            if r.status != "ok":
-                lines.append(f"{name} {r.status} | | | |")
-                continue
-            vs = ", ".join(f"{k} {v:.2f}x" for k, v in r.vs.items())
-            mfu = "" if r.frac_matmul_floor is None else f"{100 * r.frac_matmul_floor:.1f}%"
-            lines.append(f"{name} {r.median_ms:.1f} | {r.images / r.median_ms * 1e3:.2f} | {mfu} | {vs} |")
+        lines += _mfu_rows(train, lambda r: f"{r.median_ms:.1f} | {r.images / r.median_ms * 1e3:.2f}")
     par = [r for r in rows if r.steps and "parallel" in r.size]
     if par:
         lines += ["", f"Parallel-in-time sampling ({par[0].steps} steps per call, all of them run; latency per call):",
