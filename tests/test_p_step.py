@@ -242,7 +242,10 @@ def test_kernel_every_option(backend, prediction, variance, clip_sample, form, g
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last", "strided"])
-@pytest.mark.parametrize("shape", [(1, 3, 8, 8), (3, 5, 3, 7), (2, 4, 1, 1)], ids=["b1-vec", "odd", "hw1"])
+# "tiles": in channels_last, several channel tiles (the last one partial) by several position-quad tiles
+# (the last one partial) of the Triton kernel's (position, channel) tiling.
+@pytest.mark.parametrize("shape", [(1, 3, 8, 8), (3, 5, 3, 7), (2, 4, 1, 1), (2, 130, 4, 6)],
+                         ids=["b1-vec", "odd", "hw1", "tiles"])
 @pytest.mark.parametrize("variance", ["fixed_small", "learned_range"])
 def test_kernel_dtypes_layouts_shapes(backend, dtype, fmt, shape, variance, gen, poison):
     kernel_vs_reference(backend, dtype, shape, fmt, gen, variance=variance, prediction="v_prediction")

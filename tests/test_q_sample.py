@@ -62,7 +62,8 @@ from conftest import (KERNEL_BACKENDS, backend_device, layout, requires_cuda, ro
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last", "strided"])
-@pytest.mark.parametrize("shape", [(1, 3, 8, 8), (3, 5, 3, 7)], ids=["b1-vec", "odd"])
+# "tiles": see tests/test_p_step.py.
+@pytest.mark.parametrize("shape", [(1, 3, 8, 8), (3, 5, 3, 7), (2, 130, 4, 6)], ids=["b1-vec", "odd", "tiles"])
 @pytest.mark.parametrize("return_noise", [False, True])
 def test_kernel_matches_reference(backend, dtype, fmt, shape, return_noise, gen, poison):
     dev = backend_device(backend)

@@ -56,8 +56,9 @@ class Plan:
 # ----------------------------------------------------------------------- the plans
 def _shapes():
     # 16-divisible sizes (divisibility hints), [B, C, 1, 1] and [1, 1, 1, 1] (HW, C, N, B = 1 become
-    # constants), and odd sizes (no hints, masked tails).
-    return {"b4x3x32x32": (4, 3, 32, 32), "b2x4x1x1": (2, 4, 1, 1), "b1x1x1x1": (1, 1, 1, 1), "b3x5x7x9": (3, 5, 7, 9)}
+    # constants), odd sizes (no hints, masked tails), and many channels (channels_last tiles of 64).
+    return {"b4x3x32x32": (4, 3, 32, 32), "b2x4x1x1": (2, 4, 1, 1), "b1x1x1x1": (1, 1, 1, 1), "b3x5x7x9": (3, 5, 7, 9),
+            "b2x64x8x8": (2, 64, 8, 8)}
 
 
 def _elementwise_plans() -> Iterator[Plan]:
@@ -80,8 +81,8 @@ def _elementwise_plans() -> Iterator[Plan]:
                                                 prediction=pred, variance=var, form=form, clip=clip))
         # ... and the specialising shapes and scalars with every layout, noise source and variance
         # (the constexprs that change the index math).
-        for name, layout, noise in itertools.product(("b2x4x1x1", "b1x1x1x1", "b3x5x7x9"), ("nchw", "channels_last"),
-                                                      ("tensor", "seed")):
+        special = ("b2x4x1x1", "b1x1x1x1", "b3x5x7x9", "b2x64x8x8")
+        for name, layout, noise in itertools.product(special, ("nchw", "channels_last"), ("tensor", "seed")):
             yield Plan("q_sample", f"{dtype} {name} {layout} noise={noise}",
                        dict(dtype=dtype, shape=shapes[name], layout=layout, noise=noise, return_noise=True, seed=1,
                             sample_offset=1, T=1))

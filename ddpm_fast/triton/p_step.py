@@ -1,9 +1,10 @@
 """The reverse step in Triton: x_{t-1} = mean(x_t, model output, t) + sigma_t z, z drawn in registers.
 
 Math as ddpm_fast/reference/p_step.py (and csrc/include/ddpm_fast/step.h).
-Grid (cdiv(ceil(N / 4), BLOCK), B): a program owns BLOCK Philox groups (4*BLOCK elements in NCHW
-order) of one sample.  Contiguous tensors load a contiguous [BLOCK, 4] tile; channels_last ones
-gather it (offset hw*C + c).  Bytes: 3 * N * sizeof(T) (+N for learned_range's v, +N for passed-in
+Grid (tiles, B): a program owns BLOCK Philox groups (4*BLOCK elements) of one sample.  Contiguous
+tensors load a contiguous [BLOCK, 4] tile in NCHW order; channels_last ones a [quads of positions,
+channels, 4] tile in storage order, each group's 4 values (4 positions of one channel) along its
+last axis (see tile(); when 4 does not divide HW, the NCHW-order tile, gathered).  Bytes: 3 * N * sizeof(T) (+N for learned_range's v, +N for passed-in
 noise); ~15 FLOPs and a quarter of a Philox call per element.
 """
 
@@ -14,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ..schedule import TABLE_ROWS
-from .philox import normal4
+from .philox import normal4, normal_tile
 
 
 def _row(name: str) -> tl.constexpr:
@@ -29,16 +30,57 @@ ROW_C1, ROW_C2 = _row("posterior_mean_coef1"), _row("posterior_mean_coef2")
 ROW_POST_VAR, ROW_POST_LOGVAR = _row("posterior_variance"), _row("posterior_log_variance_clipped")
 ROW_LOG_BETAS = _row("log_betas")
 
+BLOCK = 256  # Philox groups a program owns: 1024 elements
+
 
 @triton.jit
-def tile_offsets(group, N, C, HW, CHANNELS_LAST: tl.constexpr):
-    """NCHW element indices j of BLOCK groups as a [BLOCK, 4] tile, their storage offsets, the mask."""
-    j = 4 * group[:, None] + tl.arange(0, 4)[None, :]
-    if CHANNELS_LAST:
-        m = (j % HW) * C + j // HW
+def tile(pid, N, C, HW, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program pid's Philox groups, and its tile's NCHW element indices j, offsets m in the sample's
+    storage, channels c and mask.
+    - BLOCK_C = 0: BLOCK groups in NCHW order, a [BLOCK, 4] tile: contiguous, or in channels_last
+      (when 4 does not divide HW) gathered at hw * C + c.
+    - BLOCK_C > 0, channels_last with 4 | HW: BLOCK // BLOCK_C quads of positions by BLOCK_C
+      channels, a [BLOCK // BLOCK_C, BLOCK_C, 4] tile whose element (q, c, l) is position 4q + l of
+      channel c.  Its 4 values along l are one Philox group (c HW / 4 + q), so one call still
+      serves 4 elements, while the offsets hw * C + c run along c: loads and stores coalesce."""
+    if BLOCK_C == 0:
+        group = pid * BLOCK + tl.arange(0, BLOCK)
+        j = 4 * group[:, None] + tl.arange(0, 4)[None, :]
+        c = j // HW
+        m = (j % HW) * C + c if CHANNELS_LAST else j
+        mask = j < N
     else:
-        m = j
-    return j, m, j < N
+        QUADS: tl.constexpr = BLOCK // BLOCK_C
+        tiles_c = tl.cdiv(C, BLOCK_C)
+        q = (pid // tiles_c) * QUADS + tl.arange(0, QUADS)
+        cc = (pid % tiles_c) * BLOCK_C + tl.arange(0, BLOCK_C)
+        group = cc[None, :] * (HW // 4) + q[:, None]
+        hw = 4 * q[:, None, None] + tl.arange(0, 4)[None, None, :]
+        c = cc[None, :, None]
+        j = c * HW + hw
+        m = hw * C + c
+        mask = (hw < HW) & (c < C)
+    return group, j, m, c, mask
+
+
+@triton.jit
+def tile_noise(seed, group, sample, t, stream, BLOCK_C: tl.constexpr):
+    """The normals of a tile() tile, in its shape."""
+    if BLOCK_C == 0:
+        z = normal_tile(seed, group, sample, t, stream)
+    else:
+        n0, n1, n2, n3 = normal4(seed, group, sample, t, stream)
+        z = tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (n0.shape[0], n0.shape[1], 4))
+    return z
+
+
+def tiling(N: int, C: int, channels_last: bool):
+    """(grid axis 0, BLOCK_C) of tile() for a sample of N elements and C channels."""
+    HW = N // C
+    if channels_last and HW % 4 == 0:
+        block_c = min(triton.next_power_of_2(C), 128)
+        return triton.cdiv(HW // 4, BLOCK // block_c) * triton.cdiv(C, block_c), block_c
+    return triton.cdiv(triton.cdiv(N, 4), BLOCK), 0
 
 
 @triton.jit
@@ -51,12 +93,6 @@ def philox_key(seed, sample_offset, rng_ptr, HAS_RNG: tl.constexpr):
     else:
         key, first = seed, sample_offset
     return key, first
-
-
-@triton.jit
-def normal_tile(seed, group, sample, t, stream):
-    n0, n1, n2, n3 = normal4(seed, group, sample, t, stream)
-    return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), (n0.shape[0], 4))
 
 
 @triton.jit
@@ -98,16 +134,15 @@ def step_value(x, o, v, z, t, table_ptr, T, clip_range, PREDICTION: tl.constexpr
 def _p_step_kernel(x_ptr, out_ptr, noise_ptr, y_ptr, t_ptr, table_ptr, T, seed, sample_offset, rng_ptr, N, C, HW,
                    clip_range, PREDICTION: tl.constexpr, VARIANCE: tl.constexpr, FORM: tl.constexpr,
                    CLIP: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_RNG: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
     b = tl.program_id(1)
-    group = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     t = tl.minimum(tl.maximum(tl.load(t_ptr + b), 0), T - 1)
-    j, m, mask = tile_offsets(group, N, C, HW, CHANNELS_LAST)
+    group, j, m, c, mask = tile(tl.program_id(0), N, C, HW, CHANNELS_LAST, BLOCK, BLOCK_C)
     base = b.to(tl.int64) * N
     x = tl.load(x_ptr + base + m, mask=mask, other=0.0).to(tl.float32)
     if VARIANCE == 2:  # learned_range: out is [B, 2C, ...] in x's layout, v in the second half
         if CHANNELS_LAST:
-            mo = (j % HW) * 2 * C + j // HW
+            mo = 2 * m - c  # hw * 2C + c
             mv = mo + C
         else:
             mo = j
@@ -126,12 +161,10 @@ def _p_step_kernel(x_ptr, out_ptr, noise_ptr, y_ptr, t_ptr, table_ptr, T, seed, 
         z = tl.load(noise_ptr + base + m, mask=mask, other=0.0).to(tl.float32)
     else:
         key, first = philox_key(seed, sample_offset, rng_ptr, HAS_RNG)
-        z = normal_tile(key, group, b + first, t, 0)
+        z = tile_noise(key, group, b + first, t, 0, BLOCK_C)
     y = step_value(x, o, v, z, t, table_ptr, T, clip_range, PREDICTION, VARIANCE, FORM, CLIP)
     tl.store(y_ptr + base + m, y.to(y_ptr.dtype.element_ty), mask=mask)
 
-
-BLOCK = 256
 
 
 def p_step(x_t: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor, table: torch.Tensor, noise, seed: int,
@@ -145,9 +178,10 @@ def p_step(x_t: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor, table
     if B == 0 or N == 0:
         return y
     C = x_t.shape[1]
-    grid = (triton.cdiv(triton.cdiv(N, 4), BLOCK), B)
-    _p_step_kernel[grid](x_t, model_output, noise if noise is not None else x_t, y, t, table, table.shape[1], seed,
-                         sample_offset, rng if rng is not None else t, N, C, N // C, clip_range, PREDICTION=prediction,
-                         VARIANCE=variance, FORM=form, CLIP=bool(clip_sample), HAS_NOISE=noise is not None,
-                         HAS_RNG=rng is not None, CHANNELS_LAST=channels_last, BLOCK=BLOCK)
+    tiles, block_c = tiling(N, C, channels_last)
+    _p_step_kernel[(tiles, B)](x_t, model_output, noise if noise is not None else x_t, y, t, table, table.shape[1],
+                               seed, sample_offset, rng if rng is not None else t, N, C, N // C, clip_range,
+                               PREDICTION=prediction, VARIANCE=variance, FORM=form, CLIP=bool(clip_sample),
+                               HAS_NOISE=noise is not None, HAS_RNG=rng is not None, CHANNELS_LAST=channels_last,
+                               BLOCK=BLOCK, BLOCK_C=block_c)
     return y

@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .p_step import normal_tile, step_value
+from .p_step import step_value
+from .philox import normal_tile
 
 
 @triton.jit

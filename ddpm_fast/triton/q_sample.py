@@ -11,24 +11,23 @@ import torch
 import triton
 import triton.language as tl
 
-from .p_step import BLOCK, ROW_SQRT_1M_ABAR, ROW_SQRT_ABAR, normal_tile, philox_key, tile_offsets
+from .p_step import BLOCK, ROW_SQRT_1M_ABAR, ROW_SQRT_ABAR, philox_key, tile, tile_noise, tiling
 
 
 @triton.jit
 def _q_sample_kernel(x_ptr, noise_ptr, y_ptr, eps_ptr, t_ptr, table_ptr, T, seed, sample_offset, rng_ptr, N, C, HW,
                      HAS_NOISE: tl.constexpr, HAS_RNG: tl.constexpr, WRITE_EPS: tl.constexpr,
-                     CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr):
+                     CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
     b = tl.program_id(1)
-    group = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     t = tl.minimum(tl.maximum(tl.load(t_ptr + b), 0), T - 1)
-    j, m, mask = tile_offsets(group, N, C, HW, CHANNELS_LAST)
+    group, j, m, c, mask = tile(tl.program_id(0), N, C, HW, CHANNELS_LAST, BLOCK, BLOCK_C)
     base = b.to(tl.int64) * N
     x0 = tl.load(x_ptr + base + m, mask=mask, other=0.0).to(tl.float32)
     if HAS_NOISE:
         e = tl.load(noise_ptr + base + m, mask=mask, other=0.0).to(tl.float32)
     else:
         key, first = philox_key(seed, sample_offset, rng_ptr, HAS_RNG)
-        e = normal_tile(key, group, b + first, t, 1)
+        e = tile_noise(key, group, b + first, t, 1, BLOCK_C)
     y = tl.load(table_ptr + ROW_SQRT_ABAR * T + t) * x0 + tl.load(table_ptr + ROW_SQRT_1M_ABAR * T + t) * e
     tl.store(y_ptr + base + m, y.to(y_ptr.dtype.element_ty), mask=mask)
     if WRITE_EPS:
@@ -46,9 +45,9 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, table: torch.Tensor, noise, seed
     if B == 0 or N == 0:
         return y, eps
     C = x0.shape[1]
-    grid = (triton.cdiv(triton.cdiv(N, 4), BLOCK), B)
-    _q_sample_kernel[grid](x0, noise if noise is not None else x0, y, eps if return_noise else y, t, table,
-                           table.shape[1], seed, sample_offset, rng if rng is not None else t, N, C, N // C,
-                           HAS_NOISE=noise is not None, HAS_RNG=rng is not None, WRITE_EPS=return_noise,
-                           CHANNELS_LAST=channels_last, BLOCK=BLOCK)
+    tiles, block_c = tiling(N, C, channels_last)
+    _q_sample_kernel[(tiles, B)](x0, noise if noise is not None else x0, y, eps if return_noise else y, t, table,
+                                 table.shape[1], seed, sample_offset, rng if rng is not None else t, N, C, N // C,
+                                 HAS_NOISE=noise is not None, HAS_RNG=rng is not None, WRITE_EPS=return_noise,
+                                 CHANNELS_LAST=channels_last, BLOCK=BLOCK, BLOCK_C=block_c)
     return y, eps
