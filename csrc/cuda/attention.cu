@@ -18,8 +18,8 @@
 // for the p v product (as flash attention does); the row sums stay fp32.  o is normalized,
 // rounded and staged in shared memory, then stored as 16-byte row chunks (element stores when
 // d % 8 != 0).  Per key tile and warp: D BN / 64 HMMA and D BN / 128 ldmatrix.x4.
-// Bytes: (2 Lq + 2 Lk) d sizeof(T) per head (q, k, v in and o out; k and v are re-read once per
-// 64-query tile).  FLOPs: 4 Lq Lk D per head (+ ~5 Lq Lk for the softmax).
+// Bytes per head: 2 Lq d sizeof(T) (q in, o out) + 2 Lk d sizeof(T) per 64-query tile (k and v,
+// re-read by every tile, mostly from L2).  FLOPs: 4 Lq Lk D per head (+ ~5 Lq Lk for the softmax).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -90,6 +90,10 @@ struct Tile {
   static constexpr int kStageRows = 2 * kBN;
   static constexpr size_t kSmemBytes = static_cast<size_t>(2 * kStageRows) * kPitch * sizeof(uint16_t);
   static_assert(kBM <= kStageRows, "the q tile must fit in one stage");
+  // Blocks per SM the register budget must allow (at most 65536 / (128 kMinBlocks) registers):
+  // left alone, ptxas spends slack on hoisted addresses (D = 64 took 165 registers, 3 blocks).
+  // sm_90 then needs 80, 128, 168, 252 registers, without spills, for D = 32, 64, 128, 256.
+  static constexpr int kMinBlocks = D <= 32 ? 6 : (D <= 64 ? 4 : (D <= 128 ? 3 : 1));
 };
 
 __device__ uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
@@ -127,6 +131,7 @@ __device__ void load_tile(uint16_t* s, const uint16_t* g, int64_t row_stride, in
                           int64_t d, bool vec) {
   if (vec) {
     constexpr int kChunks = D / 8;  // 16-byte chunks per row; vec implies d % 8 == 0
+#pragma unroll 1  // unrolled, the chunk offsets stay live across the key loop and cost registers
     for (int i = threadIdx.x; i < ROWS * kChunks; i += kThreads) {
       const int r = i / kChunks, c = (i % kChunks) * 8;
       const bool valid = r < valid_rows && c < d;
@@ -153,7 +158,7 @@ __device__ float quad_sum(float x) {
 // The fragment addressing below is emulated lane by lane in tests/test_attention_fragments.py
 // (ldmatrix and mma.m16n8k16 per the PTX ISA); keep the two in step.
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) flash_fwd(const AttnArgs a) {
+__global__ void __launch_bounds__(kThreads, Tile<D>::kMinBlocks) flash_fwd(const AttnArgs a) {
   constexpr int BN = Tile<D>::kBN, P = Tile<D>::kPitch;
   extern __shared__ uint4 smem_raw[];  // uint4: 16-byte alignment for cp.async, ldmatrix and the o copy
   uint16_t* smem = reinterpret_cast<uint16_t*>(smem_raw);
