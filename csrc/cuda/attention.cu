@@ -182,8 +182,10 @@ __global__ void __launch_bounds__(kThreads, Tile<D>::kMinBlocks) flash_fwd(const
   __syncthreads();
 
   // Lane roles in every m16n8k16 fragment: g = row (mod 8) / key / column group, t = pair index.
-  // ldmatrix row addresses: lanes 0-15 walk 16 rows at column 0, lanes 16-31 the same rows at
-  // column 8 (for k: lanes 0-7 / 16-23 split keys 0-7 / 8-15 and lanes 8-15 / 24-31 take column 8).
+  // ldmatrix row addresses (lane / 8 picks the 8x8 matrix, so the result register): for q and v,
+  // lanes 0-15 give rows 0-15 at column 0 and lanes 16-31 the same rows at column 8; for k, lanes
+  // 0-7, 8-15, 16-23, 24-31 give keys 0-7 at columns 0 and 8, then keys 8-15 at columns 0 and 8,
+  // so registers 0-1 and 2-3 are the B fragments of two consecutive 8-key blocks.
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
   const int row16 = lane & 15, col8 = (lane >> 4) * 8;
   const int key16 = (lane & 7) + (lane >> 4) * 8, kcol8 = lane & 8;
