@@ -92,8 +92,13 @@ struct Tile {
   static_assert(kBM <= kStageRows, "the q tile must fit in one stage");
   // Blocks per SM the register budget must allow (at most 65536 / (128 kMinBlocks) registers):
   // left alone, ptxas spends slack on hoisted addresses (D = 64 took 165 registers, 3 blocks).
-  // sm_90 then needs 80, 128, 168, 252 registers, without spills, for D = 32, 64, 128, 256.
+  // sm_90 then needs 80, 128, 168, 252 registers, without spills, for D = 32, 64, 128, 256; sm_80's
+  // code for D = 64 spills at 128 registers, so it gets 3 blocks' budget there.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  static constexpr int kMinBlocks = D <= 32 ? 6 : (D <= 64 ? 3 : (D <= 128 ? 3 : 1));
+#else
   static constexpr int kMinBlocks = D <= 32 ? 6 : (D <= 64 ? 4 : (D <= 128 ? 3 : 1));
+#endif
 };
 
 __device__ uint32_t smem_addr(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
