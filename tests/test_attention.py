@@ -152,6 +152,36 @@ def test_kernel_strided_inputs_and_cross_lengths(backend, dtype, gen):
     assert torch.equal(qkv, qkv_before)
 
 
+def unaligned_copy(x: torch.Tensor) -> torch.Tensor:
+    """x's values in a contiguous tensor whose data starts one element past a 16-byte boundary."""
+    buf = torch.empty(x.numel() + 1, device=x.device, dtype=x.dtype)
+    out = buf[1:].view(x.shape)
+    out.copy_(x)
+    return out
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuda: no GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+@pytest.mark.parametrize("d", [32, 64, 128, 256, 40, 200, 13])
+@pytest.mark.parametrize("Lq,Lk", [(1, 1), (1, 130), (65, 1), (77, 200)])
+@pytest.mark.parametrize("fmt", ["contiguous", "unaligned"])
+def test_cuda_kernel_tiles_tails_and_alignment(dtype, d, Lq, Lk, fmt, gen, poison):
+    """Odd Lq and Lk over 1 to 7 key tiles (both cp.async stages, odd and even tile counts) for every
+    padded D; d = 40, 200 zero-fill columns in 16-byte chunks, d = 13 takes element loads and element
+    o stores; unaligned inputs take element loads with 16-byte o stores."""
+    q, k, v = (torch.randn(2, 3, n, d, generator=gen, dtype=torch.float64) for n in (Lq, Lk, Lk))
+    qd, kd, vd = (t.to("cuda", dtype) for t in (q, k, v))
+    if fmt == "unaligned":
+        qd, kd, vd = (unaligned_copy(t) for t in (qd, kd, vd))
+        assert qd.data_ptr() % 16 != 0
+    before = [t.clone() for t in (qd, kd, vd)]
+    out = df.attention(qd, kd, vd, backend="cuda")
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_close_to_float64(out, df.reference.attention(q, k, v), qd, kd, vd)
+    assert all(torch.equal(t, b) for t, b in zip((qd, kd, vd), before))
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="cuda: no GPU")
 def test_cuda_kernel_refuses_what_it_cannot_run(gen):
