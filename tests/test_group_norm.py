@@ -174,9 +174,10 @@ def test_kernel_no_affine_and_3d(backend, gen, poison):
 
 
 # The CUDA kernel's paths (csrc/cuda/group_norm.cu): the on-chip path at each block size when the
-# grid of one block per group fills the GPU (these hold for up to 192 SMs), the split path for
-# few groups or groups over 16384 values (8192 with scalar accesses); vector widths from the group's
-# contiguous run (HW in NCHW, CG in channels_last) and the pointers' alignment (offset).
+# grid of one block per group fills the GPU (these hold for 65 to 192 SMs), else the rows path for
+# narrow channels_last groups or the split path, for few groups or groups over 16384 values (8192
+# with scalar accesses); vector widths from the group's contiguous run (HW in NCHW, CG in
+# channels_last) and the pointers' alignment (offset).
 CUDA_GN_CASES = {
     "onchip64-cg1": ((64, 64, 4, 4), 64),      # 4096 groups of 16 values, 64 threads
     "onchip256": ((32, 128, 32, 32), 32),      # 1024 groups of 4096, 256 threads; CG = 4
@@ -189,6 +190,13 @@ CUDA_GN_CASES = {
     "hw1-b1": ((1, 12, 1, 1), 4),
     "hw1-cg8": ((5, 64, 1, 1), 8),
     "cg24": ((2, 48, 9, 9), 2),                # channels_last: 3 vectors a position
+    # channels_last groups narrower than a 32-byte sector a position take the rows path (NCHW: split)
+    "rows-cg4-b1": ((1, 128, 16, 16), 32),     # 32 lanes a row, 8 rows a step
+    "rows-many-tiles": ((1, 128, 64, 64), 32),
+    "rows-cg1": ((2, 64, 8, 8), 64),           # 128 groups of 64: too little work for on-chip
+    "rows-cg3-odd": ((1, 48, 5, 7), 16),       # 48 scalar lanes, 5 rows a step, 35 rows
+    "rows-hw1": ((1, 64, 1, 1), 16),
+    "rows-wide-c": ((1, 512, 4, 4), 256),      # CG = 2, scalar: 512 lanes do not fit, split path
 }
 
 
@@ -208,7 +216,7 @@ def test_cuda_paths(case, dtype, fmt, offset, flags, gen, poison):
 
 @pytest.mark.cuda
 @needs("cuda")
-@pytest.mark.parametrize("case", ["onchip256", "split-batch1"])
+@pytest.mark.parametrize("case", ["onchip256", "split-batch1", "rows-cg4-b1"])
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
 def test_cuda_paths_large_mean_small_spread(case, fmt, gen, poison):
     shape, G = CUDA_GN_CASES[case]

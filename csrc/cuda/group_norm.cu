@@ -16,11 +16,18 @@
 //   reduces the mean, then the centred variance, and writes y.  One read + one write.  Taken when
 //   the group fits (n <= 16384, 8192 scalar) and the grid fills the GPU: B*G >= SMs / 2 and
 //   B*G*T >= 256 SMs.
+// - gn_rows_stats + gn_rows_finalize + gn_rows_norm: otherwise, for channels_last groups whose CG
+//   values a position fill less than a 32-byte sector (and C / V <= 256): grid (S, B) of 256
+//   threads, each block a tile of whole rows (positions x C channels, contiguous: full sectors);
+//   a thread keeps one vector column, so one group and V channels, for the tile.  Pass 1 sums d and
+//   d^2 per group into [B, S, G] partials; the finalize, grid (G, B), reduces them into mean, rstd
+//   and the [B, C] (A, Cc) table; pass 2 normalises with the thread's coefficients in registers.
+//   Two reads + one write.
 // - gn_stats + gn_norm: otherwise (batch 1 must not leave SMs idle), grid (B*G, S) of 256 threads,
 //   S slices of n / S values for ~4 blocks per SM; gn_stats sums d and d^2 over its slice, gn_norm
 //   reduces the S partials and normalises its slice.  Two reads + one write.
-// Bytes: (2 on-chip, 3 split) * N * sizeof(T), plus the [B, C] parameters.  ~7 FLOPs per value
-// (+ an exp and a divide for SiLU).
+// Bytes: (2 on-chip, 3 rows or split) * N * sizeof(T), plus the [B, C] parameters.  ~7 FLOPs per
+// value (+ an exp and a divide for SiLU).
 //
 // Backward (formula in csrc/include/ddpm_fast/group_norm.h), grid (B*G, S) like the split path, with
 // the same layouts, widths and 32-bit walk:
@@ -268,6 +275,12 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) part[blockIdx.x * gridDim.y + blockIdx.y] = r;
 }
 
+// The group's (mean of d, rstd) from its sums of d and d^2.
+__device__ float2 mean_rstd(float2 sums, const Gn& p) {
+  const float n = static_cast<float>(p.n), md = sums.x / n;
+  return make_float2(md, rsqrtf(fmaxf(sums.y / n - md * md, 0.f) + p.eps));
+}
+
 // Split path, pass 2: reduce the group's S partials, normalise this block's slice.
 template <typename T, bool CL, int V>
 __global__ void __launch_bounds__(kThreads)
@@ -281,9 +294,8 @@ __global__ void __launch_bounds__(kThreads)
     s1 += q.x;
     s2 += q.y;
   }
-  const float2 r = block_sum2(s1, s2);
-  const float n = static_cast<float>(p.n), md = r.x / n;
-  const float rstd = rsqrtf(fmaxf(r.y / n - md * md, 0.f) + p.eps);
+  const float2 st = mean_rstd(block_sum2(s1, s2), p);
+  const float md = st.x, rstd = st.y;
   if (s == 0 && threadIdx.x == 0) {
     mean_out[bg] = md;
     rstd_out[bg] = rstd;
@@ -298,6 +310,103 @@ __global__ void __launch_bounds__(kThreads)
     float xp[V];
     load_pack<T, V>(x + gr.base + o, gr.px, xp);
     normalise_pack<T, CL, V>(y + gr.base + o, xp, tab, k, p.silu);
+  }
+}
+
+// ------------------------------------------------------------------------------ channels_last rows
+// channels_last with narrow groups (a group's CG values a position fill less than a 32-byte sector):
+// a block takes a tile of whole rows (positions x all C channels, contiguous) so that every sector
+// is used in full.  Thread t keeps vector column j = t % L of the L = C / V vectors a row, so one
+// group and V channels for the whole tile, stepping R = 256 / L rows at a time.
+struct Rows {
+  uint32_t L, R, tile;  // vectors a row, rows a step, rows a block
+};
+
+// Pass 1: block (tile s, sample b) sums d and d^2 per group over its rows: part[b][s][g].
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads) gn_rows_stats(const T* __restrict__ x, float2* __restrict__ part, Gn p,
+                                                          Rows rw) {
+  float* red = dynamic_shared<float>();  // [2][G]
+  const uint32_t s = blockIdx.x, b = blockIdx.y, C = static_cast<uint32_t>(p.C);
+  for (int i = threadIdx.x; i < 2 * p.G; i += kThreads) red[i] = 0.f;
+  __syncthreads();
+  if (threadIdx.x < rw.L * rw.R) {
+    const uint32_t c0 = threadIdx.x % rw.L * V, g = c0 / static_cast<uint32_t>(p.CG);
+    const T* xs = x + static_cast<int64_t>(b) * p.HW * p.C;
+    const float px = static_cast<float>(xs[g * p.CG]), pa = p.add ? p.add[b * p.C + g * p.CG] : 0.f;
+    float kc[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) kc[j] = p.add ? p.add[b * p.C + c0 + j] - pa : 0.f;
+    float s1 = 0.f, s2 = 0.f;
+    const uint32_t end = min(static_cast<uint32_t>(p.HW), (s + 1) * rw.tile);
+#pragma unroll 4  // loads in flight: the step R is not known at compile time
+    for (uint32_t pos = s * rw.tile + threadIdx.x / rw.L; pos < end; pos += rw.R) {
+      float v[V];
+      load_pack<T, V>(xs + pos * C + c0, px, v);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const float d = v[j] + kc[j];
+        s1 += d;
+        s2 = fmaf(d, d, s2);
+      }
+    }
+    atomicAdd(red + g, s1);
+    atomicAdd(red + p.G + g, s2);
+  }
+  __syncthreads();
+  for (int g = threadIdx.x; g < p.G; g += kThreads) {
+    part[(static_cast<int64_t>(b) * gridDim.x + s) * p.G + g] = make_float2(red[g], red[p.G + g]);
+  }
+}
+
+// Block (g, b) reduces the group's S partials into its statistics and its channels' (A, Cc) [B, C].
+__global__ void __launch_bounds__(kThreads)
+    gn_rows_finalize(const float2* __restrict__ part, float* __restrict__ mean_out, float* __restrict__ rstd_out,
+                     float2* __restrict__ coef, Gn p, uint32_t S) {
+  const uint32_t g = blockIdx.x, b = blockIdx.y;
+  float s1 = 0.f, s2 = 0.f;
+  for (uint32_t q = threadIdx.x; q < S; q += kThreads) {
+    const float2 v = part[(static_cast<int64_t>(b) * S + q) * p.G + g];
+    s1 += v.x;
+    s2 += v.y;
+  }
+  const float2 st = mean_rstd(block_sum2(s1, s2), p);
+  const float md = st.x, rstd = st.y;
+  if (threadIdx.x == 0) {
+    mean_out[b * p.G + g] = md;
+    rstd_out[b * p.G + g] = rstd;
+  }
+  const Group gr{b, g, 0, 0.f, p.add ? p.add[b * p.C + g * p.CG] : 0.f};
+  fill_norm_table(coef + b * p.C + g * p.CG, p, gr, md, rstd, false);
+}
+
+// Pass 2: y over the block's rows, with the thread's V channels' (A, Cc) in registers.
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads, 1)  // without the 1, ptxas on sm_80 keeps 32 registers and spills
+    gn_rows_norm(const T* __restrict__ x, T* __restrict__ y, const float2* __restrict__ coef, Gn p, Rows rw) {
+  if (threadIdx.x >= rw.L * rw.R) return;
+  const uint32_t s = blockIdx.x, b = blockIdx.y, C = static_cast<uint32_t>(p.C);
+  const uint32_t c0 = threadIdx.x % rw.L * V, g = c0 / static_cast<uint32_t>(p.CG);
+  const int64_t base = static_cast<int64_t>(b) * p.HW * p.C;
+  const float px = static_cast<float>(x[base + g * p.CG]);
+  float A[V], Cc[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    const float2 c = coef[b * p.C + c0 + j];
+    A[j] = c.x;
+    Cc[j] = c.y;
+  }
+  const uint32_t end = min(static_cast<uint32_t>(p.HW), (s + 1) * rw.tile);
+#pragma unroll 4
+  for (uint32_t pos = s * rw.tile + threadIdx.x / rw.L; pos < end; pos += rw.R) {
+    float v[V];
+    load_pack<T, V>(x + base + pos * C + c0, px, v);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      v[j] = fmaf(v[j], A[j], Cc[j]);
+      if (p.silu) v[j] = silu_of(v[j]);
+    }
+    store_pack<T, V>(y + base + pos * C + c0, v);
   }
 }
 
@@ -375,6 +484,23 @@ int onchip_threads(int64_t n, int V) {
   return 0;
 }
 
+// The rows path for channels_last groups narrower than a 32-byte sector a position, when a row of
+// vectors fits a block (C / V <= 256) and the split path would be taken.
+bool use_rows(const Gn& p, int V, size_t elem) {
+  return p.channels_last && p.CG * static_cast<int64_t>(elem) < 32 && p.C / V <= kThreads && p.B <= 65535;
+}
+
+// Rows per block for ~4 blocks per SM over the batch: (S tiles a sample, the lanes and tile).
+std::pair<uint32_t, Rows> rows_of(const Gn& p, int V, int sms) {
+  Rows rw;
+  rw.L = static_cast<uint32_t>(p.C / V);
+  rw.R = kThreads / rw.L;
+  const int64_t steps = (p.HW + rw.R - 1) / rw.R;
+  const int64_t S = std::clamp<int64_t>((4 * sms + p.B - 1) / p.B, 1, steps);
+  rw.tile = static_cast<uint32_t>((steps + S - 1) / S * rw.R);
+  return {static_cast<uint32_t>((p.HW + rw.tile - 1) / rw.tile), rw};
+}
+
 // The one-read on-chip path unless its grid of one block per group leaves the GPU short of work:
 // fewer blocks than half the SMs, or fewer than 256 threads (8 warps, each thread with kCache loads
 // in flight) per SM.  Then the split path spreads each group over several blocks at the price of a
@@ -408,6 +534,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cuda(
       if (use_onchip(groups, threads, sms)) {
         gn_onchip<scalar_t, CL, kV><<<static_cast<unsigned>(groups), threads, p.CG * sizeof(float2), stream>>>(
             xp, yp, mp, rp, p, w);
+        return;
+      }
+      if (CL && use_rows(p, kV, sizeof(scalar_t))) {
+        const auto [S, rw] = rows_of(p, kV, sms);
+        at::Tensor part = at::empty({p.B * S * p.G * 2}, x.options().dtype(at::kFloat));
+        at::Tensor coef = at::empty({p.B * p.C * 2}, x.options().dtype(at::kFloat));
+        auto* pp = reinterpret_cast<float2*>(part.data_ptr<float>());
+        auto* cp = reinterpret_cast<float2*>(coef.data_ptr<float>());
+        const dim3 grid(S, static_cast<unsigned>(p.B));
+        gn_rows_stats<scalar_t, kV><<<grid, kThreads, 2 * p.G * sizeof(float), stream>>>(xp, pp, p, rw);
+        const dim3 fgrid(static_cast<unsigned>(p.G), static_cast<unsigned>(p.B));
+        gn_rows_finalize<<<fgrid, kThreads, 0, stream>>>(pp, mp, rp, cp, p, S);
+        gn_rows_norm<scalar_t, kV><<<grid, kThreads, 0, stream>>>(xp, yp, cp, p, rw);
         return;
       }
       const auto [slices, chunk] = split_of(p.n / kV, groups, sms);
