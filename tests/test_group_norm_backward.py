@@ -159,6 +159,15 @@ def test_cuda_backward_paths(case, dtype, fmt, offset, flags, gen, poison):
                    offset=offset)
 
 
+@pytest.mark.cuda
+@needs("cuda")
+def test_cuda_backward_channels_a_group_limit(gen):
+    x = torch.randn(1, 8192, 1, 2, generator=gen).cuda().requires_grad_()
+    y = df.group_norm(x, 1, backend="cuda")
+    with pytest.raises(RuntimeError, match="at most 4096 channels a group"):
+        y.backward(torch.ones_like(y))
+
+
 @pytest.mark.triton
 @pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])

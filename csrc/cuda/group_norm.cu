@@ -8,9 +8,9 @@
 // checks C * HW < 2^31), a vector's position and channel cost one FastDivmod (multiply-high) per
 // vector, and only the group's base offset is 64-bit.  Every path works on d = (x - px) + (add - pa),
 // relative to the group's first x and add (exact for a large mean with a small spread).  After the
-// statistics, a [CG] table in shared memory folds weight, bias, scale, shift, mean and rstd into
-// z = v A + Cc per channel, so normalising is one FMA per value.  The group's mean of d and rstd go
-// out (float32 [B, G]) for the backward.
+// statistics, a [CG] table in shared memory (opted in beyond 48 KiB: CG > ~6000) folds weight, bias,
+// scale, shift, mean and rstd into z = v A + Cc per channel, so normalising is one FMA per value.
+// The group's mean of d and rstd go out (float32 [B, G]) for the backward.
 // - gn_onchip: one block per (sample, group) of T threads, the fewest power of two from 64 to 1024
 //   (512 for scalar accesses) with 16 T >= n; each thread caches 16 values in registers, the block
 //   reduces the mean, then the centred variance, and writes y.  One read + one write.  Taken when
@@ -34,8 +34,8 @@
 // - gnb_sums: a block recomputes xhat = (x - px) rstd + centre rstd and dz = dy act'(z) over its
 //   slice of n / S values, keeps running S1, S2, S3 in registers for the vector's channels (one in
 //   NCHW, V in channels_last) while they stay the same (a run of HW / V vectors in NCHW; always in
-//   channels_last when CG / V divides 256), flushes them into shared memory [3][CG] with atomics,
-//   and stores the slice's partials.
+//   channels_last when CG / V divides 256), flushes them into shared memory [3][CG] (CG <= 4096)
+//   with atomics, and stores the slice's partials.
 // - gnb_dx: a block reduces the S partials of its group (slice 0 stores the totals, the op's sums
 //   [3, B, C]), forms m1 and m2, and writes dx = (rstd W) dz - (rstd m1 + xhat rstd m2).
 // x and dy are read twice (the second time mostly from L2), dx written once: 5 * N * sizeof(T)
@@ -63,7 +63,7 @@ namespace {
 
 constexpr int kThreads = 256;     // the split paths' and the backward's blocks
 constexpr int kCache = 16;        // values per thread in gn_onchip
-constexpr int64_t kMaxCg = 4096;  // per-channel tables in shared memory: at most 48 KiB
+constexpr int64_t kMaxBackwardCg = 4096;  // the backward's [3][CG] sums: at most 48 KiB of shared memory
 
 // gn_onchip's largest block: 1024 threads fit 64 registers; the scalar walk (a divmod and an
 // address per value) needs more, so it stops at 512 (sm_80 spills at 64).
@@ -451,14 +451,26 @@ Walk walk_of(const Gn& p, int V) {
   return w;
 }
 
-// 32-bit in-group offsets and block indices, per-channel tables in shared memory.
+// 32-bit in-group offsets and block indices.
 void check_sizes(const Gn& p) {
   constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
-  TORCH_CHECK(p.C * p.HW < kMax, "x: the CUDA GroupNorm indexes a sample with 32 bits: C * H * W must be below ",
+  TORCH_CHECK(p.C * p.HW <= kMax, "x: the CUDA GroupNorm indexes a sample with 32 bits: C * H * W must be below ",
               "2^31, got ", p.C * p.HW);
-  TORCH_CHECK(p.B * p.G < kMax, "x: the CUDA GroupNorm takes fewer than 2^31 groups (B * num_groups), got ", p.B * p.G);
-  TORCH_CHECK(p.CG <= kMaxCg, "num_groups: the CUDA GroupNorm takes at most ", kMaxCg, " channels a group, got ",
-              p.CG);
+  TORCH_CHECK(p.B * p.G <= kMax, "x: the CUDA GroupNorm takes fewer than 2^31 groups (B * num_groups), got ",
+              p.B * p.G);
+}
+
+// Lets kernel take `bytes` of dynamic shared memory (the forward's per-channel tables, 8 bytes a
+// channel of a group): beyond the default 48 KiB it must opt in, up to what the GPU allows.
+template <typename K>
+void allow_shared(K* kernel, size_t bytes, const at::Tensor& x) {
+  constexpr size_t kDefault = 48 * 1024 - 1024;  // room for the kernels' own shared arrays
+  if (bytes <= kDefault) return;
+  int optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.device().index()));
+  TORCH_CHECK(bytes + 1024 <= static_cast<size_t>(optin), "num_groups: ", bytes / 8,
+              " channels a group need more shared memory than this GPU's ", optin, " bytes a block");
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
 // The split paths' slices in vectors: (S, vectors per slice), S enough to give the GPU ~4 blocks per SM.
@@ -531,9 +543,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cuda(
     const Walk w = walk_of(p, V);
     const int threads = onchip_threads(p.n, V);
     dispatch_geometry<scalar_t>(channels_last, V, [&]<bool CL, int kV>() {
+      const size_t table = p.CG * sizeof(float2);
       if (use_onchip(groups, threads, sms)) {
-        gn_onchip<scalar_t, CL, kV><<<static_cast<unsigned>(groups), threads, p.CG * sizeof(float2), stream>>>(
-            xp, yp, mp, rp, p, w);
+        allow_shared(gn_onchip<scalar_t, CL, kV>, table, x);
+        gn_onchip<scalar_t, CL, kV><<<static_cast<unsigned>(groups), threads, table, stream>>>(xp, yp, mp, rp, p, w);
         return;
       }
       if (CL && use_rows(p, kV, sizeof(scalar_t))) {
@@ -553,8 +566,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cuda(
       at::Tensor part = at::empty({groups * slices * 2}, x.options().dtype(at::kFloat));
       const dim3 grid(static_cast<unsigned>(groups), slices);
       auto* pp = reinterpret_cast<float2*>(part.data_ptr<float>());
-      gn_stats<scalar_t, CL, kV><<<grid, kThreads, p.CG * sizeof(float), stream>>>(xp, pp, p, w, chunk);
-      gn_norm<scalar_t, CL, kV><<<grid, kThreads, p.CG * sizeof(float2), stream>>>(xp, yp, pp, mp, rp, p, w, chunk);
+      allow_shared(gn_stats<scalar_t, CL, kV>, table / 2, x);
+      allow_shared(gn_norm<scalar_t, CL, kV>, table, x);
+      gn_stats<scalar_t, CL, kV><<<grid, kThreads, table / 2, stream>>>(xp, pp, p, w, chunk);
+      gn_norm<scalar_t, CL, kV><<<grid, kThreads, table, stream>>>(xp, yp, pp, mp, rp, p, w, chunk);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -704,6 +719,8 @@ std::tuple<at::Tensor, at::Tensor> group_norm_backward_cuda(
   const Gn p = group_norm_params(x, num_groups, weight, bias, 1.0, add, scale, shift, silu, channels_last);
   check_group_norm_backward(dy, x, mean, rstd, num_groups, channels_last);
   check_sizes(p);
+  TORCH_CHECK(p.CG <= kMaxBackwardCg, "num_groups: the CUDA backward takes at most ", kMaxBackwardCg,
+              " channels a group, got ", p.CG);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = at::empty_like(x, format_of(channels_last));
   at::Tensor sums = at::empty({3, p.B, p.C}, x.options().dtype(at::kFloat));
