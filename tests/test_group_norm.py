@@ -78,16 +78,26 @@ def test_bad_input(kw, exc, match):
 
 
 # ----------------------------------------------------------------- fused kernels
-from conftest import KERNEL_BACKENDS, backend_device, layout, store_slack  # noqa: E402
+from conftest import KERNEL_BACKENDS, backend_device, layout, needs, store_slack  # noqa: E402
 
 GN_OPTIONS = [(), ("add",), ("scale", "shift"), ("add", "scale", "shift")]
 
 
+def offset_view(x, offset):
+    """x's values in x's layout, `offset` elements into a fresh buffer: an odd offset leaves the data
+    pointer aligned to one element only (the CUDA kernels' scalar fallback), 4 aligns a 16-bit dtype
+    to 8 bytes (their 4-value accesses)."""
+    if not offset:
+        return x
+    v = torch.empty(x.numel() + offset, dtype=x.dtype, device=x.device).as_strided(x.shape, x.stride(), offset)
+    return v.copy_(x)
+
+
 def gn_kernel_vs_reference(backend, dtype, shape, G, fmt, options, silu, gen, affine=True, split=None, mean=0.0,
-                           std=1.0):
+                           std=1.0, offset=0):
     dev = backend_device(backend)
     x = (torch.randn(shape, generator=gen) * std + mean).to(dev, dtype)
-    x = layout(x, fmt)
+    x = offset_view(layout(x, fmt), offset)
     C = shape[1]
     w = torch.randn(C, generator=gen).to(dev, dtype) if affine else None
     b = torch.randn(C, generator=gen).to(dev, dtype) if affine else None
@@ -161,6 +171,65 @@ def test_kernel_channels_last_row_slices(backend, dtype, mean, std, gen, poison)
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_kernel_no_affine_and_3d(backend, gen, poison):
     gn_kernel_vs_reference(backend, torch.float32, (2, 8, 9), 2, "contiguous", (), True, gen, affine=False)
+
+
+# The CUDA kernel's paths (csrc/cuda/group_norm.cu): the on-chip path at each block size when the
+# grid of one block per group fills the GPU (these hold for 65 to 192 SMs), else the rows path for
+# narrow channels_last groups or the split path, for few groups or groups over 16384 values (8192
+# with scalar accesses); vector widths from the group's contiguous run (HW in NCHW, CG in
+# channels_last) and the pointers' alignment (offset).
+CUDA_GN_CASES = {
+    "onchip64-cg1": ((64, 64, 4, 4), 64),      # 4096 groups of 16 values, 64 threads
+    "onchip256": ((32, 128, 32, 32), 32),      # 1024 groups of 4096, 256 threads; CG = 4
+    "onchip1024": ((4, 128, 64, 64), 32),      # 128 groups of 16384, 1024 threads (scalar: split)
+    "onchip-odd": ((96, 40, 7, 7), 8),         # CG = 5, HW = 49: scalar accesses
+    "onchip512-odd": ((12, 64, 27, 27), 8),    # 96 groups of 5832 scalar values, 512 threads
+    "split-batch1": ((1, 64, 16, 16), 4),      # 4 groups
+    "split-large-group": ((2, 64, 40, 32), 4),  # 20480 values a group
+    "split-odd": ((3, 40, 7, 7), 8),
+    "hw1-b1": ((1, 12, 1, 1), 4),
+    "hw1-cg8": ((5, 64, 1, 1), 8),
+    "cg24": ((2, 48, 9, 9), 2),                # channels_last: 3 vectors a position
+    # channels_last groups narrower than a 32-byte sector a position take the rows path (NCHW: split)
+    "rows-cg4-b1": ((1, 128, 16, 16), 32),     # 32 lanes a row, 8 rows a step
+    "rows-many-tiles": ((1, 128, 64, 64), 32),
+    "rows-cg1": ((2, 64, 8, 8), 64),           # 128 groups of 64: too little work for on-chip
+    "rows-cg3-odd": ((1, 48, 5, 7), 16),       # 48 scalar lanes, 5 rows a step, 35 rows
+    "rows-hw1": ((1, 64, 1, 1), 16),
+    "rows-wide-c": ((1, 512, 4, 4), 256),      # CG = 2, scalar: 512 lanes do not fit, split path
+}
+
+
+@pytest.mark.cuda
+@needs("cuda")
+@pytest.mark.parametrize("case", list(CUDA_GN_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("offset", [0, 1, 4])
+@pytest.mark.parametrize("flags", ["plain", "all"])
+def test_cuda_paths(case, dtype, fmt, offset, flags, gen, poison):
+    shape, G = CUDA_GN_CASES[case]
+    full = flags == "all"
+    gn_kernel_vs_reference("cuda", dtype, shape, G, fmt, ("add", "scale", "shift") if full else (), full, gen,
+                           affine=full, offset=offset)
+
+
+@pytest.mark.cuda
+@needs("cuda")
+@pytest.mark.parametrize("case", ["onchip256", "split-batch1", "rows-cg4-b1"])
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_cuda_paths_large_mean_small_spread(case, fmt, gen, poison):
+    shape, G = CUDA_GN_CASES[case]
+    gn_kernel_vs_reference("cuda", torch.float32, shape, G, fmt, ("add",), False, gen, mean=1e3, std=1e-2)
+
+
+@pytest.mark.cuda
+@needs("cuda")
+@pytest.mark.parametrize("shape", [(128, 8192, 1, 1), (1, 8192, 1, 2), (1, 4096, 2, 2)],
+                         ids=["onchip", "split", "split-32KiB"])
+def test_cuda_wide_groups(shape, gen, poison):
+    """Per-channel tables of 64 KiB (8192 channels a group) take opted-in shared memory."""
+    gn_kernel_vs_reference("cuda", torch.float32, shape, 1, "contiguous", ("add", "scale"), True, gen)
 
 
 @pytest.mark.triton

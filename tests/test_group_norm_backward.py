@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import ddpm_fast as df
-from conftest import KERNEL_BACKENDS, backend_device, layout, rel_err, store_slack
+from conftest import KERNEL_BACKENDS, backend_device, layout, needs, rel_err, store_slack
 
 OPTIONS = [(), ("add",), ("scale", "shift"), ("add", "scale", "shift")]
 LEAVES = ("x", "weight", "bias", "add", "scale", "shift")
@@ -20,21 +20,32 @@ def make_inputs(shape, G, options, affine, gen, dtype=torch.float64, dev="cpu", 
     return {k: v.to(dev, dtype) for k, v in t.items()}
 
 
-def grads(inputs, G, dy, silu, backend, fmt="contiguous"):
-    """(y, {name: gradient}) of sum(y * dy) through df.group_norm on leaves made from inputs."""
-    leaves = {k: (layout(v, fmt) if k == "x" else v).detach().requires_grad_() for k, v in inputs.items()}
+def offset_view(x, offset):
+    """x's values in x's layout, `offset` elements into a fresh buffer (see test_group_norm.py)."""
+    if not offset:
+        return x
+    v = torch.empty(x.numel() + offset, dtype=x.dtype, device=x.device).as_strided(x.shape, x.stride(), offset)
+    return v.copy_(x)
+
+
+def grads(inputs, G, dy, silu, backend, fmt="contiguous", offset=0):
+    """(y, {name: gradient}) of sum(y * dy) through df.group_norm on leaves made from inputs, x and dy
+    `offset` elements into their buffers."""
+    leaves = {k: (offset_view(layout(v, fmt), offset) if k == "x" else v).detach().requires_grad_()
+              for k, v in inputs.items()}
+    dy = offset_view(layout(dy, fmt), offset) if offset else dy
     kw = {k: v for k, v in leaves.items() if k != "x"}
     y = df.group_norm(leaves["x"], G, eps=1e-6, silu=silu, backend=backend, **kw)
     got = torch.autograd.grad(y, list(leaves.values()), dy)
     return y, dict(zip(leaves, got))
 
 
-def check_backward(backend, dtype, shape, G, fmt, options, silu, gen, affine=True, mean=0.0, std=1.0):
+def check_backward(backend, dtype, shape, G, fmt, options, silu, gen, affine=True, mean=0.0, std=1.0, offset=0):
     dev = backend_device(backend)
     inputs = make_inputs(shape, G, options, affine, gen, dtype, dev, mean, std)
     dy = torch.randn(shape, generator=gen).to(dev, dtype)
     before = {k: v.clone() for k, v in inputs.items()}
-    _, got = grads(inputs, G, dy, silu, backend, fmt)
+    _, got = grads(inputs, G, dy, silu, backend, fmt, offset)
     assert all(torch.equal(inputs[k], before[k]) for k in inputs)
     # The float64 truth from the same (rounded) inputs, and eager PyTorch's error in this dtype.
     _, ref = grads({k: v.double() for k, v in inputs.items()}, G, dy.double(), silu, "reference")
@@ -117,6 +128,44 @@ def test_kernel_backward_row_slices(backend, gen, poison):
             check_backward(backend, torch.float32, (1, 64, 40, 30), 8, fmt, ("add", "scale", "shift"), True, gen)
     finally:
         torch.set_num_threads(threads)
+
+
+# The CUDA backward's vector widths (from HW in NCHW, CG in channels_last, and the pointers'
+# alignment) and channel runs: in channels_last a thread keeps its channels when 256 is a multiple of
+# CG / V vectors a position, else they change every step (CG = 24).
+CUDA_GNB_CASES = {
+    "hw64": ((2, 32, 8, 8), 8),
+    "cg4": ((2, 128, 6, 6), 32),
+    "cg24": ((2, 48, 9, 9), 2),
+    "cg1": ((4, 16, 4, 4), 16),
+    "hw1": ((3, 64, 1, 1), 8),
+    "odd": ((3, 40, 7, 7), 8),
+    "batch1-large-group": ((1, 64, 40, 32), 4),
+    "cg4096": ((1, 4096, 2, 2), 1),
+}
+
+
+@pytest.mark.cuda
+@needs("cuda")
+@pytest.mark.parametrize("case", list(CUDA_GNB_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("offset", [0, 1, 4])
+@pytest.mark.parametrize("flags", ["plain", "all"])
+def test_cuda_backward_paths(case, dtype, fmt, offset, flags, gen, poison):
+    shape, G = CUDA_GNB_CASES[case]
+    full = flags == "all"
+    check_backward("cuda", dtype, shape, G, fmt, ("add", "scale", "shift") if full else (), full, gen, affine=full,
+                   offset=offset)
+
+
+@pytest.mark.cuda
+@needs("cuda")
+def test_cuda_backward_channels_a_group_limit(gen):
+    x = torch.randn(1, 8192, 1, 2, generator=gen).cuda().requires_grad_()
+    y = df.group_norm(x, 1, backend="cuda")
+    with pytest.raises(RuntimeError, match="at most 4096 channels a group"):
+        y.backward(torch.ones_like(y))
 
 
 @pytest.mark.triton

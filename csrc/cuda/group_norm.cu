@@ -1,27 +1,45 @@
 // GroupNorm with fused input add, scale-shift and SiLU on the GPU:
 //   y = act(GN(x + add) * (1 + scale) + shift), statistics in fp32.
 //
-// A group is n = Cg * HW values; element e of a group sits at (b*C + g*Cg)*HW + e in NCHW (the
-// group is contiguous) and at b*HW*C + (e / Cg)*C + g*Cg + e % Cg in channels_last.
-// - gn_onchip: one 256-thread block per (sample, group) when n <= 256 * kCache and there are
-//   enough groups to fill the GPU; each thread caches up to kCache values in registers, the block
-//   reduces the mean, then the centred variance, and writes y.  One read + one write.
-// - gn_stats + gn_norm: grid (B*G, S) for large groups or small batches (batch 1 must not leave
-//   SMs idle); gn_stats sums d and d^2 over a slice of n / S values, gn_norm reduces the S partials
-//   and normalises its slice.  Two reads + one write.
-// Every path works on d = (x - x_first) + (add - add_first) (see Pivot); the group's mean of d and
-// rstd go out (float32 [B, G]) for the backward.
-// ~10 FLOPs per element (+ expf for SiLU).
+// A group is n = CG * HW values: CG rows of HW contiguous values in NCHW, HW rows of CG contiguous
+// values C apart in channels_last.  The kernels are templated on the layout and on V, the values one
+// access moves (16 bytes, 4 values, or 1): the widest that divides the group's contiguous run (HW or
+// CG) with every pointer aligned to it, else scalar.  In-group offsets are 32-bit (the launcher
+// checks C * HW < 2^31), a vector's position and channel cost one FastDivmod (multiply-high) per
+// vector, and only the group's base offset is 64-bit.  Every path works on d = (x - px) + (add - pa),
+// relative to the group's first x and add (exact for a large mean with a small spread).  After the
+// statistics, a [CG] table in shared memory (opted in beyond 48 KiB: CG > ~6000) folds weight, bias,
+// scale, shift, mean and rstd into z = v A + Cc per channel, so normalising is one FMA per value.
+// The group's mean of d and rstd go out (float32 [B, G]) for the backward.
+// - gn_onchip: one block per (sample, group) of T threads, the fewest power of two from 64 to 1024
+//   (512 for scalar accesses) with 16 T >= n; each thread caches 16 values in registers, the block
+//   reduces the mean, then the centred variance, and writes y.  One read + one write.  Taken when
+//   the group fits (n <= 16384, 8192 scalar) and the grid fills the GPU: B*G >= SMs / 2 and
+//   B*G*T >= 256 SMs.
+// - gn_rows_stats + gn_rows_finalize + gn_rows_norm: otherwise, for channels_last groups whose CG
+//   values a position fill less than a 32-byte sector (and C / V <= 256): grid (S, B) of 256
+//   threads, each block a tile of whole rows (positions x C channels, contiguous: full sectors);
+//   a thread keeps one vector column, so one group and V channels, for the tile.  Pass 1 sums d and
+//   d^2 per group into [B, S, G] partials; the finalize, grid (G, B), reduces them into mean, rstd
+//   and the [B, C] (A, Cc) table; pass 2 normalises with the thread's coefficients in registers.
+//   Two reads + one write.
+// - gn_stats + gn_norm: otherwise (batch 1 must not leave SMs idle), grid (B*G, S) of 256 threads,
+//   S slices of n / S values for ~4 blocks per SM; gn_stats sums d and d^2 over its slice, gn_norm
+//   reduces the S partials and normalises its slice.  Two reads + one write.
+// Bytes: (2 on-chip, 3 rows or split) * N * sizeof(T), plus the [B, C] parameters.  ~7 FLOPs per
+// value (+ an exp and a divide for SiLU).
 //
-// Backward (formula in csrc/include/ddpm_fast/group_norm.h), grid (B*G, S) like the split path:
-// - gnb_sums: a block recomputes xhat and dz = dy act'(z) over its slice of n / S values, keeps a
-//   running per-channel S1, S2, S3 in registers while its channel stays the same (always, for
-//   channels_last with Cg dividing 256; a run of HW values for NCHW), flushes them into shared
-//   memory [3][Cg] with atomics, and stores the slice's partials.
+// Backward (formula in csrc/include/ddpm_fast/group_norm.h), grid (B*G, S) like the split path, with
+// the same layouts, widths and 32-bit walk:
+// - gnb_sums: a block recomputes xhat = (x - px) rstd + centre rstd and dz = dy act'(z) over its
+//   slice of n / S values, keeps running S1, S2, S3 in registers for the vector's channels (one in
+//   NCHW, V in channels_last) while they stay the same (a run of HW / V vectors in NCHW; always in
+//   channels_last when CG / V divides 256), flushes them into shared memory [3][CG] (CG <= 4096)
+//   with atomics, and stores the slice's partials.
 // - gnb_dx: a block reduces the S partials of its group (slice 0 stores the totals, the op's sums
-//   [3, B, C]), forms m1 and m2, and writes dx over its slice.
+//   [3, B, C]), forms m1 and m2, and writes dx = (rstd W) dz - (rstd m1 + xhat rstd m2).
 // x and dy are read twice (the second time mostly from L2), dx written once: 5 * N * sizeof(T)
-// bytes at worst, ~15 FLOPs per element per pass (+ expf with SiLU).
+// bytes at worst, ~10 FLOPs per value per pass (+ an exp and a divide with SiLU).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -30,22 +48,84 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <limits>
 #include <tuple>
 #include <utility>
 
+#include "ddpm_fast/fastdiv.h"
 #include "ddpm_fast/group_norm.h"
 
 namespace ddpm_fast {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kCache = 16;  // values per thread in gn_onchip: groups up to 4096 values
+constexpr int kThreads = 256;     // the split paths' and the backward's blocks
+constexpr int kCache = 16;        // values per thread in gn_onchip
+constexpr int64_t kMaxBackwardCg = 4096;  // the backward's [3][CG] sums: at most 48 KiB of shared memory
+
+// gn_onchip's largest block: 1024 threads fit 64 registers; the scalar walk (a divmod and an
+// address per value) needs more, so it stops at 512 (sm_80 spills at 64).
+constexpr int max_onchip_threads(int V) { return V == 1 ? 512 : 1024; }
 
 using Gn = GroupNormParams;
 
-// Sum of v over the block, returned to every thread (two values at once).
+// V consecutive values, loaded and stored as one access of V * sizeof(T) bytes.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+// The launch's geometry: (sample, group) of a block from its index, and where vector u of a group
+// lies, as a 32-bit offset from the group's first value (the launcher checks C * HW < 2^31) and the
+// channel (in the group) of its first value, with one multiply-high per vector instead of 64-bit
+// divisions per value.  NCHW: a group is CG rows of HW values, vector u is at u * V in channel
+// u / (HW / V).  channels_last: position u / (CG / V), channels from (u % (CG / V)) * V.
+struct Walk {
+  FastDivmod groups;  // G
+  FastDivmod per;     // vectors per channel (NCHW) or per position (channels_last)
+  uint32_t C;
+
+  template <bool CL, int V>
+  __device__ uint32_t at(uint32_t u, uint32_t* k) const {
+    uint32_t q;
+    const uint32_t r = per.divmod(u, &q);
+    if constexpr (CL) {
+      *k = r * V;
+      return q * C + r * V;
+    } else {
+      *k = q;
+      return u * V;
+    }
+  }
+};
+
+// A block's group: sample b, group g, its first value's offset, and the pivot (x, add) at that value.
+// Values are taken relative to the pivot, d = (x - px) + (add - pa): exact for a large mean with a
+// small spread, so nothing rounds at the scale of the mean.
+struct Group {
+  int64_t b, g, base;
+  float px, pa;
+};
+
+template <typename T, bool CL>
+__device__ Group group_of(const T* x, const Gn& p, const Walk& w, uint32_t bg) {
+  uint32_t b;
+  const uint32_t g = w.groups.divmod(bg, &b);
+  const int64_t base = CL ? static_cast<int64_t>(b) * p.HW * p.C + g * p.CG : (b * p.C + g * p.CG) * p.HW;
+  return Group{b, g, base, static_cast<float>(x[base]), p.add ? p.add[b * p.C + g * p.CG] : 0.f};
+}
+
+template <typename U>
+__device__ U* dynamic_shared() {
+  extern __shared__ float4 df_gn_shared[];
+  return reinterpret_cast<U*>(df_gn_shared);
+}
+
+// Sum over the block (blockDim.x a multiple of 32), returned to every thread (two values at once).
 __device__ float2 block_sum2(float a, float b) {
-  __shared__ float2 partial[kThreads / 32];
+  __shared__ float2 partial[32];
   for (int o = 16; o > 0; o >>= 1) {
     a += __shfl_xor_sync(0xffffffffu, a, o);
     b += __shfl_xor_sync(0xffffffffu, b, o);
@@ -55,124 +135,350 @@ __device__ float2 block_sum2(float a, float b) {
   if (lane == 0) partial[warp] = make_float2(a, b);
   __syncthreads();
   float2 r = make_float2(0.f, 0.f);
-  for (int w = 0; w < kThreads / 32; ++w) {
-    r.x += partial[w].x;
-    r.y += partial[w].y;
+  for (int i = 0; i < static_cast<int>(blockDim.x / 32); ++i) {
+    r.x += partial[i].x;
+    r.y += partial[i].y;
   }
   return r;
 }
 
-// Values are taken relative to the group's first x and add, d = (x - px) + (add - pa): exact for a
-// large mean with a small spread, so nothing rounds at the scale of the mean.
-struct Pivot {
-  float x, a;
-};
+// SiLU with the hardware exp and an approximate divide: no slow path; for z < -87 (1 + e^-z beyond
+// 2^126) it returns 0 instead of a value below 1e-36.
+__device__ float silu_of(float z) { return __fdividef(z, 1.0f + __expf(-z)); }
 
-template <typename scalar_t>
-__device__ Pivot pivot_of(const scalar_t* x, const Gn& p, int64_t b, int64_t g) {
-  return Pivot{static_cast<float>(x[p.offset(b, g, 0)]), p.add ? p.add[b * p.C + g * p.CG] : 0.f};
+// tab[k] = add - pa for each channel k of the group (0 without add): d = (x - px) + tab[k].
+__device__ void fill_add_table(float* tab, const Gn& p, const Group& gr) {
+  for (int k = threadIdx.x; k < p.CG; k += blockDim.x) {
+    tab[k] = p.add ? p.add[gr.b * p.C + gr.g * p.CG + k] - gr.pa : 0.f;
+  }
 }
 
-template <typename scalar_t>
-__device__ float load_value(const scalar_t* x, const Gn& p, int64_t b, int64_t g, int64_t e, Pivot pv) {
-  float d = static_cast<float>(x[p.offset(b, g, e)]) - pv.x;
-  if (p.add) d += p.add[b * p.C + p.channel(g, e)] - pv.a;
-  return d;
+// tab[k] = (A, Cc) with z = v A + Cc, so that the weight, bias, scale, shift and statistics cost one
+// FMA per value: A = rstd W and, for v = x - px, Cc = ((add - pa) - md) A + Bc; for v = d (the add
+// already in), Cc = Bc - md A.
+__device__ void fill_norm_table(float2* tab, const Gn& p, const Group& gr, float md, float rstd, bool v_has_add) {
+  for (int k = threadIdx.x; k < p.CG; k += blockDim.x) {
+    const GnChannel ch = gn_channel(p, gr.b, gr.g * p.CG + k);
+    const float A = rstd * ch.W;
+    tab[k] = make_float2(A, (v_has_add ? -md : gn_centre(ch.add, gr.pa, md)) * A + ch.Bc);
+  }
 }
 
-template <typename scalar_t>
-__device__ void store_value(scalar_t* y, const Gn& p, int64_t b, int64_t g, int64_t e, float v, float mean,
-                            float rstd) {
-  const int64_t c = p.channel(g, e);
-  float r = (v - mean) * rstd;
-  if (p.weight) r *= p.weight[c];
-  if (p.bias) r += p.bias[c];
-  if (p.scale) r *= 1.0f + p.scale[b * p.C + c];
-  if (p.shift) r += p.shift[b * p.C + c];
-  if (p.silu) r = r / (1.0f + expf(-r));
-  y[p.offset(b, g, e)] = static_cast<scalar_t>(r);
+// v[j] = x[j] - px for the V values at x.
+template <typename T, int V>
+__device__ void load_pack(const T* x, float px, float (&v)[V]) {
+  const Pack<T, V> in = *reinterpret_cast<const Pack<T, V>*>(x);
+#pragma unroll
+  for (int j = 0; j < V; ++j) v[j] = static_cast<float>(in.v[j]) - px;
 }
 
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) gn_onchip(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
-                                                      float* __restrict__ mean_out, float* __restrict__ rstd_out,
-                                                      Gn p) {
-  const int64_t b = blockIdx.x / p.G, g = blockIdx.x % p.G;
-  const Pivot pv = pivot_of(x, p, b, g);
-  float v[kCache];
+template <typename T, int V>
+__device__ void store_pack(T* y, const float (&v)[V]) {
+  Pack<T, V> out;
+#pragma unroll
+  for (int j = 0; j < V; ++j) out.v[j] = static_cast<T>(v[j]);
+  *reinterpret_cast<Pack<T, V>*>(y) = out;
+}
+
+// y = act(v A + Cc) for the V values at y, channel k (+ j in channels_last), from the (A, Cc) table.
+template <typename T, bool CL, int V>
+__device__ void normalise_pack(T* y, const float (&v)[V], const float2* tab, uint32_t k, bool silu) {
+  float z[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    const float2 c = tab[CL ? k + j : k];
+    z[j] = fmaf(v[j], c.x, c.y);
+    if (silu) z[j] = silu_of(z[j]);
+  }
+  store_pack<T, V>(y, z);
+}
+
+// One block of blockDim.x threads per (sample, group); each thread caches kCache values in registers.
+template <typename T, bool CL, int V>
+__global__ void __launch_bounds__(max_onchip_threads(V), 1)
+    gn_onchip(const T* __restrict__ x, T* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out,
+              Gn p, Walk w) {
+  constexpr int kVecs = kCache / V;
+  // [CG] add table, then (after the statistics) the [CG] (A, Cc) table over the same bytes.
+  float* add_tab = dynamic_shared<float>();
+  float2* tab = dynamic_shared<float2>();
+  const Group gr = group_of<T, CL>(x, p, w, blockIdx.x);
+  fill_add_table(add_tab, p, gr);
+  __syncthreads();
+  const uint32_t nv = static_cast<uint32_t>(p.n / V);
+  float v[kVecs][V];  // d = (x - px) + (add - pa)
   float sum = 0.f;
 #pragma unroll
-  for (int k = 0; k < kCache; ++k) {
-    const int64_t e = threadIdx.x + static_cast<int64_t>(k) * kThreads;
-    v[k] = e < p.n ? load_value(x, p, b, g, e, pv) : 0.f;
-    sum += v[k];
+  for (int i = 0; i < kVecs; ++i) {
+    const uint32_t u = threadIdx.x + i * blockDim.x;
+    if (u < nv) {
+      uint32_t k;
+      const uint32_t o = w.at<CL, V>(u, &k);
+      load_pack<T, V>(x + gr.base + o, gr.px, v[i]);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        v[i][j] += add_tab[CL ? k + j : k];
+        sum += v[i][j];
+      }
+    }
   }
-  const float mean = block_sum2(sum, 0.f).x / static_cast<float>(p.n);
+  const float n = static_cast<float>(p.n), md = block_sum2(sum, 0.f).x / n;
   float m2 = 0.f;
 #pragma unroll
-  for (int k = 0; k < kCache; ++k) {
-    const int64_t e = threadIdx.x + static_cast<int64_t>(k) * kThreads;
-    const float d = e < p.n ? v[k] - mean : 0.f;
-    m2 += d * d;
+  for (int i = 0; i < kVecs; ++i) {
+    if (threadIdx.x + i * blockDim.x < nv) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) m2 = fmaf(v[i][j] - md, v[i][j] - md, m2);
+    }
   }
-  const float rstd = rsqrtf(block_sum2(m2, 0.f).x / static_cast<float>(p.n) + p.eps);
+  const float rstd = rsqrtf(block_sum2(m2, 0.f).x / n + p.eps);
   if (threadIdx.x == 0) {
-    mean_out[blockIdx.x] = mean;
+    mean_out[blockIdx.x] = md;
     rstd_out[blockIdx.x] = rstd;
   }
+  fill_norm_table(tab, p, gr, md, rstd, true);  // over add_tab: block_sum2's barriers ended its reads
+  __syncthreads();
 #pragma unroll
-  for (int k = 0; k < kCache; ++k) {
-    const int64_t e = threadIdx.x + static_cast<int64_t>(k) * kThreads;
-    if (e < p.n) store_value(y, p, b, g, e, v[k], mean, rstd);
+  for (int i = 0; i < kVecs; ++i) {
+    const uint32_t u = threadIdx.x + i * blockDim.x;
+    if (u < nv) {
+      uint32_t k;
+      const uint32_t o = w.at<CL, V>(u, &k);
+      normalise_pack<T, CL, V>(y + gr.base + o, v[i], tab, k, p.silu);
+    }
   }
 }
 
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) gn_stats(const scalar_t* __restrict__ x, float2* __restrict__ part, Gn p,
-                                                     int64_t chunk) {
-  const int64_t bg = blockIdx.x, b = bg / p.G, g = bg % p.G, s = blockIdx.y;
-  const Pivot pv = pivot_of(x, p, b, g);
+// Split path, pass 1: block (group, s) sums d and d^2 over vectors [s * chunk, (s + 1) * chunk).
+template <typename T, bool CL, int V>
+__global__ void __launch_bounds__(kThreads)
+    gn_stats(const T* __restrict__ x, float2* __restrict__ part, Gn p, Walk w, uint32_t chunk) {
+  float* add_tab = dynamic_shared<float>();
+  const Group gr = group_of<T, CL>(x, p, w, blockIdx.x);
+  fill_add_table(add_tab, p, gr);
+  __syncthreads();
   float s1 = 0.f, s2 = 0.f;
-  const int64_t end = min(p.n, (s + 1) * chunk);
-  for (int64_t e = s * chunk + threadIdx.x; e < end; e += kThreads) {
-    const float d = load_value(x, p, b, g, e, pv);
-    s1 += d;
-    s2 += d * d;
+  const uint32_t end = min(static_cast<uint32_t>(p.n / V), (blockIdx.y + 1) * chunk);
+  for (uint32_t u = blockIdx.y * chunk + threadIdx.x; u < end; u += kThreads) {
+    uint32_t k;
+    const uint32_t o = w.at<CL, V>(u, &k);
+    float xp[V];
+    load_pack<T, V>(x + gr.base + o, gr.px, xp);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const float d = xp[j] + add_tab[CL ? k + j : k];
+      s1 += d;
+      s2 = fmaf(d, d, s2);
+    }
   }
   const float2 r = block_sum2(s1, s2);
-  if (threadIdx.x == 0) part[bg * gridDim.y + s] = r;
+  if (threadIdx.x == 0) part[blockIdx.x * gridDim.y + blockIdx.y] = r;
 }
 
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) gn_norm(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
-                                                    const float2* __restrict__ part, float* __restrict__ mean_out,
-                                                    float* __restrict__ rstd_out, Gn p, int64_t chunk) {
-  const int64_t bg = blockIdx.x, b = bg / p.G, g = bg % p.G, s = blockIdx.y;
+// The group's (mean of d, rstd) from its sums of d and d^2.
+__device__ float2 mean_rstd(float2 sums, const Gn& p) {
+  const float n = static_cast<float>(p.n), md = sums.x / n;
+  return make_float2(md, rsqrtf(fmaxf(sums.y / n - md * md, 0.f) + p.eps));
+}
+
+// Split path, pass 2: reduce the group's S partials, normalise this block's slice.
+template <typename T, bool CL, int V>
+__global__ void __launch_bounds__(kThreads)
+    gn_norm(const T* __restrict__ x, T* __restrict__ y, const float2* __restrict__ part, float* __restrict__ mean_out,
+            float* __restrict__ rstd_out, Gn p, Walk w, uint32_t chunk) {
+  float2* tab = dynamic_shared<float2>();
+  const uint32_t bg = blockIdx.x, s = blockIdx.y;
   float s1 = 0.f, s2 = 0.f;
-  for (int k = threadIdx.x; k < static_cast<int>(gridDim.y); k += kThreads) {
-    s1 += part[bg * gridDim.y + k].x;
-    s2 += part[bg * gridDim.y + k].y;
+  for (uint32_t k = threadIdx.x; k < gridDim.y; k += kThreads) {
+    const float2 q = part[bg * gridDim.y + k];
+    s1 += q.x;
+    s2 += q.y;
   }
-  const float2 r = block_sum2(s1, s2);
-  const float n = static_cast<float>(p.n), md = r.x / n;
-  const float rstd = rsqrtf(fmaxf(r.y / n - md * md, 0.f) + p.eps);
+  const float2 st = mean_rstd(block_sum2(s1, s2), p);
+  const float md = st.x, rstd = st.y;
   if (s == 0 && threadIdx.x == 0) {
     mean_out[bg] = md;
     rstd_out[bg] = rstd;
   }
-  const Pivot pv = pivot_of(x, p, b, g);
-  const int64_t end = min(p.n, (s + 1) * chunk);
-  for (int64_t e = s * chunk + threadIdx.x; e < end; e += kThreads) {
-    store_value(y, p, b, g, e, load_value(x, p, b, g, e, pv), md, rstd);
+  const Group gr = group_of<T, CL>(x, p, w, bg);
+  fill_norm_table(tab, p, gr, md, rstd, false);
+  __syncthreads();
+  const uint32_t end = min(static_cast<uint32_t>(p.n / V), (s + 1) * chunk);
+  for (uint32_t u = s * chunk + threadIdx.x; u < end; u += kThreads) {
+    uint32_t k;
+    const uint32_t o = w.at<CL, V>(u, &k);
+    float xp[V];
+    load_pack<T, V>(x + gr.base + o, gr.px, xp);
+    normalise_pack<T, CL, V>(y + gr.base + o, xp, tab, k, p.silu);
   }
 }
 
-// The split paths' slices: (S, values per slice), S enough to give the GPU ~4 blocks per SM.
-std::pair<int64_t, int64_t> split_of(const Gn& p, int64_t groups, int sms) {
+// ------------------------------------------------------------------------------ channels_last rows
+// channels_last with narrow groups (a group's CG values a position fill less than a 32-byte sector):
+// a block takes a tile of whole rows (positions x all C channels, contiguous) so that every sector
+// is used in full.  Thread t keeps vector column j = t % L of the L = C / V vectors a row, so one
+// group and V channels for the whole tile, stepping R = 256 / L rows at a time.
+struct Rows {
+  uint32_t L, R, tile;  // vectors a row, rows a step, rows a block
+};
+
+// Pass 1: block (tile s, sample b) sums d and d^2 per group over its rows: part[b][s][g].
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads) gn_rows_stats(const T* __restrict__ x, float2* __restrict__ part, Gn p,
+                                                          Rows rw) {
+  float* red = dynamic_shared<float>();  // [2][G]
+  const uint32_t s = blockIdx.x, b = blockIdx.y, C = static_cast<uint32_t>(p.C);
+  for (int i = threadIdx.x; i < 2 * p.G; i += kThreads) red[i] = 0.f;
+  __syncthreads();
+  if (threadIdx.x < rw.L * rw.R) {
+    const uint32_t c0 = threadIdx.x % rw.L * V, g = c0 / static_cast<uint32_t>(p.CG);
+    const T* xs = x + static_cast<int64_t>(b) * p.HW * p.C;
+    const float px = static_cast<float>(xs[g * p.CG]), pa = p.add ? p.add[b * p.C + g * p.CG] : 0.f;
+    float kc[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) kc[j] = p.add ? p.add[b * p.C + c0 + j] - pa : 0.f;
+    float s1 = 0.f, s2 = 0.f;
+    const uint32_t end = min(static_cast<uint32_t>(p.HW), (s + 1) * rw.tile);
+#pragma unroll 4  // loads in flight: the step R is not known at compile time
+    for (uint32_t pos = s * rw.tile + threadIdx.x / rw.L; pos < end; pos += rw.R) {
+      float v[V];
+      load_pack<T, V>(xs + pos * C + c0, px, v);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const float d = v[j] + kc[j];
+        s1 += d;
+        s2 = fmaf(d, d, s2);
+      }
+    }
+    atomicAdd(red + g, s1);
+    atomicAdd(red + p.G + g, s2);
+  }
+  __syncthreads();
+  for (int g = threadIdx.x; g < p.G; g += kThreads) {
+    part[(static_cast<int64_t>(b) * gridDim.x + s) * p.G + g] = make_float2(red[g], red[p.G + g]);
+  }
+}
+
+// Block (g, b) reduces the group's S partials into its statistics and its channels' (A, Cc) [B, C].
+__global__ void __launch_bounds__(kThreads)
+    gn_rows_finalize(const float2* __restrict__ part, float* __restrict__ mean_out, float* __restrict__ rstd_out,
+                     float2* __restrict__ coef, Gn p, uint32_t S) {
+  const uint32_t g = blockIdx.x, b = blockIdx.y;
+  float s1 = 0.f, s2 = 0.f;
+  for (uint32_t q = threadIdx.x; q < S; q += kThreads) {
+    const float2 v = part[(static_cast<int64_t>(b) * S + q) * p.G + g];
+    s1 += v.x;
+    s2 += v.y;
+  }
+  const float2 st = mean_rstd(block_sum2(s1, s2), p);
+  const float md = st.x, rstd = st.y;
+  if (threadIdx.x == 0) {
+    mean_out[b * p.G + g] = md;
+    rstd_out[b * p.G + g] = rstd;
+  }
+  const Group gr{b, g, 0, 0.f, p.add ? p.add[b * p.C + g * p.CG] : 0.f};
+  fill_norm_table(coef + b * p.C + g * p.CG, p, gr, md, rstd, false);
+}
+
+// Pass 2: y over the block's rows, with the thread's V channels' (A, Cc) in registers.
+template <typename T, int V>
+__global__ void __launch_bounds__(kThreads, 1)  // without the 1, ptxas on sm_80 keeps 32 registers and spills
+    gn_rows_norm(const T* __restrict__ x, T* __restrict__ y, const float2* __restrict__ coef, Gn p, Rows rw) {
+  if (threadIdx.x >= rw.L * rw.R) return;
+  const uint32_t s = blockIdx.x, b = blockIdx.y, C = static_cast<uint32_t>(p.C);
+  const uint32_t c0 = threadIdx.x % rw.L * V, g = c0 / static_cast<uint32_t>(p.CG);
+  const int64_t base = static_cast<int64_t>(b) * p.HW * p.C;
+  const float px = static_cast<float>(x[base + g * p.CG]);
+  float A[V], Cc[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    const float2 c = coef[b * p.C + c0 + j];
+    A[j] = c.x;
+    Cc[j] = c.y;
+  }
+  const uint32_t end = min(static_cast<uint32_t>(p.HW), (s + 1) * rw.tile);
+#pragma unroll 4
+  for (uint32_t pos = s * rw.tile + threadIdx.x / rw.L; pos < end; pos += rw.R) {
+    float v[V];
+    load_pack<T, V>(x + base + pos * C + c0, px, v);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      v[j] = fmaf(v[j], A[j], Cc[j]);
+      if (p.silu) v[j] = silu_of(v[j]);
+    }
+    store_pack<T, V>(y + base + pos * C + c0, v);
+  }
+}
+
+// ------------------------------------------------------------------------------ launch helpers
+// The widest access (values) that every vector of the group can use: V divides the run of
+// contiguous values of a group (HW in NCHW, CG in channels_last) and every pointer is aligned to it.
+// Instantiated widths: 16 bytes, 4 values (8 bytes for 16-bit types: a channels_last group of 4
+// channels, as in a 128-channel U-Net with 32 groups), and 1.
+template <typename T>
+int vector_width(const Gn& p, std::initializer_list<const void*> ptrs) {
+  const int64_t run = p.channels_last ? p.CG : p.HW;
+  for (const int V : {16 / static_cast<int>(sizeof(T)), 4}) {
+    bool ok = run % V == 0;
+    for (const void* q : ptrs) ok = ok && reinterpret_cast<uintptr_t>(q) % (V * sizeof(T)) == 0;
+    if (ok) return V;
+  }
+  return 1;
+}
+
+// Calls f.template operator()<CL, V>() for the runtime layout and width.
+template <typename T, typename F>
+void dispatch_geometry(bool channels_last, int V, F&& f) {
+  auto by_width = [&]<bool CL>() {
+    if constexpr (sizeof(T) == 2) {
+      if (V == 8) return f.template operator()<CL, 8>();
+    }
+    if (V == 4) return f.template operator()<CL, 4>();
+    return f.template operator()<CL, 1>();
+  };
+  if (channels_last) {
+    by_width.template operator()<true>();
+  } else {
+    by_width.template operator()<false>();
+  }
+}
+
+Walk walk_of(const Gn& p, int V) {
+  Walk w;
+  w.groups = FastDivmod(static_cast<uint32_t>(p.G));
+  w.per = FastDivmod(static_cast<uint32_t>(std::max<int64_t>(1, (p.channels_last ? p.CG : p.HW) / V)));
+  w.C = static_cast<uint32_t>(p.C);
+  return w;
+}
+
+// 32-bit in-group offsets and block indices.
+void check_sizes(const Gn& p) {
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK(p.C * p.HW <= kMax, "x: the CUDA GroupNorm indexes a sample with 32 bits: C * H * W must be below ",
+              "2^31, got ", p.C * p.HW);
+  TORCH_CHECK(p.B * p.G <= kMax, "x: the CUDA GroupNorm takes fewer than 2^31 groups (B * num_groups), got ",
+              p.B * p.G);
+}
+
+// Lets kernel take `bytes` of dynamic shared memory (the forward's per-channel tables, 8 bytes a
+// channel of a group): beyond the default 48 KiB it must opt in, up to what the GPU allows.
+template <typename K>
+void allow_shared(K* kernel, size_t bytes, const at::Tensor& x) {
+  constexpr size_t kDefault = 48 * 1024 - 1024;  // room for the kernels' own shared arrays
+  if (bytes <= kDefault) return;
+  int optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.device().index()));
+  TORCH_CHECK(bytes + 1024 <= static_cast<size_t>(optin), "num_groups: ", bytes / 8,
+              " channels a group need more shared memory than this GPU's ", optin, " bytes a block");
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+}
+
+// The split paths' slices in vectors: (S, vectors per slice), S enough to give the GPU ~4 blocks per SM.
+std::pair<uint32_t, uint32_t> split_of(int64_t nv, int64_t groups, int sms) {
   const int64_t want = std::max<int64_t>(1, (4 * sms + groups - 1) / groups);
-  const int64_t S = std::min<int64_t>({want, (p.n + kThreads - 1) / kThreads, 1024});
-  const int64_t chunk = (p.n + S - 1) / S;
-  return {(p.n + chunk - 1) / chunk, chunk};
+  const int64_t S = std::min<int64_t>({want, (nv + kThreads - 1) / kThreads, 1024});
+  const int64_t chunk = (nv + S - 1) / S;
+  return {static_cast<uint32_t>((nv + chunk - 1) / chunk), static_cast<uint32_t>(chunk)};
 }
 
 int sm_count(const at::Tensor& x) {
@@ -181,11 +487,46 @@ int sm_count(const at::Tensor& x) {
   return sms;
 }
 
+// On-chip block size: the fewest threads (a power of two, at least 64) that cache the group, 0 if
+// the group does not fit in max_onchip_threads(V) * kCache values.
+int onchip_threads(int64_t n, int V) {
+  for (int t = 64; t <= max_onchip_threads(V); t *= 2) {
+    if (n <= static_cast<int64_t>(t) * kCache) return t;
+  }
+  return 0;
+}
+
+// The rows path for channels_last groups narrower than a 32-byte sector a position, when a row of
+// vectors fits a block (C / V <= 256) and the split path would be taken.
+bool use_rows(const Gn& p, int V, size_t elem) {
+  return p.channels_last && p.CG * static_cast<int64_t>(elem) < 32 && p.C / V <= kThreads && p.B <= 65535;
+}
+
+// Rows per block for ~4 blocks per SM over the batch: (S tiles a sample, the lanes and tile).
+std::pair<uint32_t, Rows> rows_of(const Gn& p, int V, int sms) {
+  Rows rw;
+  rw.L = static_cast<uint32_t>(p.C / V);
+  rw.R = kThreads / rw.L;
+  const int64_t steps = (p.HW + rw.R - 1) / rw.R;
+  const int64_t S = std::clamp<int64_t>((4 * sms + p.B - 1) / p.B, 1, steps);
+  rw.tile = static_cast<uint32_t>((steps + S - 1) / S * rw.R);
+  return {static_cast<uint32_t>((p.HW + rw.tile - 1) / rw.tile), rw};
+}
+
+// The one-read on-chip path unless its grid of one block per group leaves the GPU short of work:
+// fewer blocks than half the SMs, or fewer than 256 threads (8 warps, each thread with kCache loads
+// in flight) per SM.  Then the split path spreads each group over several blocks at the price of a
+// second read (mostly from L2).
+bool use_onchip(int64_t groups, int threads, int sms) {
+  return threads > 0 && 2 * groups >= sms && groups * threads >= 256LL * sms;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cuda(
     const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, double eps, const std::optional<at::Tensor>& add,
     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, bool silu, bool channels_last) {
   const Gn p = group_norm_params(x, num_groups, weight, bias, eps, add, scale, shift, silu, channels_last);
+  check_sizes(p);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty_like(x, format_of(channels_last));
   at::Tensor mean = at::empty({p.B, p.G}, x.options().dtype(at::kFloat));
@@ -196,118 +537,177 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cuda(
   const int64_t groups = p.B * p.G;
   float *mp = mean.data_ptr<float>(), *rp = rstd.data_ptr<float>();
   DDPM_FAST_DISPATCH_KERNEL_TYPES(x.scalar_type(), "group_norm_cuda", [&] {
-    if (p.n <= static_cast<int64_t>(kThreads) * kCache && groups >= 2 * sms) {
-      gn_onchip<scalar_t><<<static_cast<unsigned>(groups), kThreads, 0, stream>>>(x.data_ptr<scalar_t>(),
-                                                                                  y.data_ptr<scalar_t>(), mp, rp, p);
-    } else {
-      const auto [slices, chunk] = split_of(p, groups, sms);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    const int V = vector_width<scalar_t>(p, {xp, yp});
+    const Walk w = walk_of(p, V);
+    const int threads = onchip_threads(p.n, V);
+    dispatch_geometry<scalar_t>(channels_last, V, [&]<bool CL, int kV>() {
+      const size_t table = p.CG * sizeof(float2);
+      if (use_onchip(groups, threads, sms)) {
+        allow_shared(gn_onchip<scalar_t, CL, kV>, table, x);
+        gn_onchip<scalar_t, CL, kV><<<static_cast<unsigned>(groups), threads, table, stream>>>(xp, yp, mp, rp, p, w);
+        return;
+      }
+      if (CL && use_rows(p, kV, sizeof(scalar_t))) {
+        const auto [S, rw] = rows_of(p, kV, sms);
+        at::Tensor part = at::empty({p.B * S * p.G * 2}, x.options().dtype(at::kFloat));
+        at::Tensor coef = at::empty({p.B * p.C * 2}, x.options().dtype(at::kFloat));
+        auto* pp = reinterpret_cast<float2*>(part.data_ptr<float>());
+        auto* cp = reinterpret_cast<float2*>(coef.data_ptr<float>());
+        const dim3 grid(S, static_cast<unsigned>(p.B));
+        gn_rows_stats<scalar_t, kV><<<grid, kThreads, 2 * p.G * sizeof(float), stream>>>(xp, pp, p, rw);
+        const dim3 fgrid(static_cast<unsigned>(p.G), static_cast<unsigned>(p.B));
+        gn_rows_finalize<<<fgrid, kThreads, 0, stream>>>(pp, mp, rp, cp, p, S);
+        gn_rows_norm<scalar_t, kV><<<grid, kThreads, 0, stream>>>(xp, yp, cp, p, rw);
+        return;
+      }
+      const auto [slices, chunk] = split_of(p.n / kV, groups, sms);
       at::Tensor part = at::empty({groups * slices * 2}, x.options().dtype(at::kFloat));
-      const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(slices));
+      const dim3 grid(static_cast<unsigned>(groups), slices);
       auto* pp = reinterpret_cast<float2*>(part.data_ptr<float>());
-      gn_stats<scalar_t><<<grid, kThreads, 0, stream>>>(x.data_ptr<scalar_t>(), pp, p, chunk);
-      gn_norm<scalar_t><<<grid, kThreads, 0, stream>>>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), pp, mp, rp, p,
-                                                       chunk);
-    }
+      allow_shared(gn_stats<scalar_t, CL, kV>, table / 2, x);
+      allow_shared(gn_norm<scalar_t, CL, kV>, table, x);
+      gn_stats<scalar_t, CL, kV><<<grid, kThreads, table / 2, stream>>>(xp, pp, p, w, chunk);
+      gn_norm<scalar_t, CL, kV><<<grid, kThreads, table, stream>>>(xp, yp, pp, mp, rp, p, w, chunk);
+    });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {y, mean, rstd};
 }
 
 // ------------------------------------------------------------------------------ backward
-constexpr int64_t kMaxBackwardCg = 4096;  // 3 * Cg floats of shared memory: at most 48 KiB
+// A vector's running per-channel state in the backward: NC = the channels a vector spans (V in
+// channels_last, 1 in NCHW), reloaded only when the vector's channel changes (a run of HW / V
+// vectors in NCHW; in channels_last always the same when the block's stride in vectors, kThreads,
+// is a multiple of CG / V).  xhat = (x - px) r + cr, z = xhat W + Bc.
+template <int NC>
+struct BwdChannels {
+  float cr[NC], W[NC], Bc[NC];
 
-__device__ float grad_z(float dy, float xh, const GnChannel& ch, bool silu) {
-  if (!silu) return dy;
-  const float z = xh * ch.W + ch.Bc;
-  return gn_silu_grad(dy, z, 1.0f / (1.0f + expf(-z)));
-}
-
-__device__ void flush_sums(float* sh, int64_t k, int64_t CG, float a1, float a2, float a3) {
-  atomicAdd(sh + k, a1);
-  atomicAdd(sh + CG + k, a2);
-  atomicAdd(sh + 2 * CG + k, a3);
-}
-
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) gnb_sums(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                                                     const float* __restrict__ mean, const float* __restrict__ rstd,
-                                                     float* __restrict__ part, Gn p, int64_t chunk) {
-  extern __shared__ float sh[];  // [3][Cg]: this slice's S1, S2, S3 per channel
-  const int64_t bg = blockIdx.x, b = bg / p.G, g = bg % p.G, s = blockIdx.y, c0 = g * p.CG;
-  for (int64_t k = threadIdx.x; k < 3 * p.CG; k += kThreads) sh[k] = 0.f;
-  __syncthreads();
-  const Pivot pv = pivot_of(x, p, b, g);
-  const float r = rstd[bg], md = mean[bg];
-  int64_t cur = -1;
-  GnChannel ch{0.f, 1.f, 0.f};
-  float centre = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-  const int64_t end = min(p.n, (s + 1) * chunk);
-  for (int64_t e = s * chunk + threadIdx.x; e < end; e += kThreads) {
-    const int64_t c = p.channel(g, e);
-    if (c != cur) {
-      if (cur >= 0) flush_sums(sh, cur - c0, p.CG, a1, a2, a3);
-      cur = c;
-      ch = gn_channel(p, b, c);
-      centre = gn_centre(ch.add, pv.a, md);
-      a1 = a2 = a3 = 0.f;
+  __device__ void load(const Gn& p, const Group& gr, float md, float r, uint32_t k) {
+#pragma unroll
+    for (int j = 0; j < NC; ++j) {
+      const GnChannel ch = gn_channel(p, gr.b, gr.g * p.CG + k + j);
+      cr[j] = gn_centre(ch.add, gr.pa, md) * r;
+      W[j] = ch.W;
+      Bc[j] = ch.Bc;
     }
-    const int64_t o = p.offset(b, g, e);
-    const float xh = gn_xhat(static_cast<float>(x[o]), pv.x, centre, r);
-    const float gz = grad_z(static_cast<float>(dy[o]), xh, ch, p.silu);
-    a1 += gz;
-    a2 += gz * xh;
-    a3 += xh;
   }
-  if (cur >= 0) flush_sums(sh, cur - c0, p.CG, a1, a2, a3);
-  __syncthreads();
-  float* out = part + (bg * gridDim.y + s) * 3 * p.CG;
-  for (int64_t k = threadIdx.x; k < 3 * p.CG; k += kThreads) out[k] = sh[k];
+};
+
+__device__ float grad_z(float dy, float xh, float W, float Bc, bool silu) {
+  if (!silu) return dy;
+  const float z = fmaf(xh, W, Bc);
+  return gn_silu_grad(dy, z, __fdividef(1.0f, 1.0f + __expf(-z)));
 }
 
-template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) gnb_dx(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                                                   scalar_t* __restrict__ dx, const float* __restrict__ mean,
-                                                   const float* __restrict__ rstd, const float* __restrict__ part,
-                                                   float* __restrict__ sums, Gn p, int64_t chunk) {
-  const int64_t bg = blockIdx.x, b = bg / p.G, g = bg % p.G, s = blockIdx.y, S = gridDim.y;
+template <typename T, bool CL, int V>
+__global__ void __launch_bounds__(kThreads)
+    gnb_sums(const T* __restrict__ dy, const T* __restrict__ x, const float* __restrict__ mean,
+             const float* __restrict__ rstd, float* __restrict__ part, Gn p, Walk w, uint32_t chunk) {
+  constexpr int NC = CL ? V : 1;
+  constexpr uint32_t kNone = 0xffffffffu;
+  float* sh = dynamic_shared<float>();  // [3][CG]: this slice's S1, S2, S3 per channel
+  for (int k = threadIdx.x; k < 3 * p.CG; k += kThreads) sh[k] = 0.f;
+  __syncthreads();
+  const uint32_t bg = blockIdx.x, s = blockIdx.y;
+  const Group gr = group_of<T, CL>(x, p, w, bg);
+  const float r = rstd[bg], md = mean[bg];
+  uint32_t cur = kNone;
+  BwdChannels<NC> ch;
+  float a1[NC], a2[NC], a3[NC];
+  auto flush = [&] {
+#pragma unroll
+    for (int j = 0; j < NC; ++j) {
+      atomicAdd(sh + cur + j, a1[j]);
+      atomicAdd(sh + p.CG + cur + j, a2[j]);
+      atomicAdd(sh + 2 * p.CG + cur + j, a3[j]);
+    }
+  };
+  const uint32_t end = min(static_cast<uint32_t>(p.n / V), (s + 1) * chunk);
+  for (uint32_t u = s * chunk + threadIdx.x; u < end; u += kThreads) {
+    uint32_t k;
+    const uint32_t o = w.at<CL, V>(u, &k);
+    if (k != cur) {
+      if (cur != kNone) flush();
+      cur = k;
+      ch.load(p, gr, md, r, k);
+#pragma unroll
+      for (int j = 0; j < NC; ++j) a1[j] = a2[j] = a3[j] = 0.f;
+    }
+    float xv[V], gv[V];
+    load_pack<T, V>(x + gr.base + o, gr.px, xv);
+    load_pack<T, V>(dy + gr.base + o, 0.f, gv);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const int c = CL ? j : 0;
+      const float xh = fmaf(xv[j], r, ch.cr[c]);
+      const float gz = grad_z(gv[j], xh, ch.W[c], ch.Bc[c], p.silu);
+      a1[c] += gz;
+      a2[c] = fmaf(gz, xh, a2[c]);
+      a3[c] += xh;
+    }
+  }
+  if (cur != kNone) flush();
+  __syncthreads();
+  float* out = part + (static_cast<int64_t>(bg) * gridDim.y + s) * 3 * p.CG;
+  for (int k = threadIdx.x; k < 3 * p.CG; k += kThreads) out[k] = sh[k];
+}
+
+template <typename T, bool CL, int V>
+__global__ void __launch_bounds__(kThreads)
+    gnb_dx(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx, const float* __restrict__ mean,
+           const float* __restrict__ rstd, const float* __restrict__ part, float* __restrict__ sums, Gn p, Walk w,
+           uint32_t chunk) {
+  constexpr int NC = CL ? V : 1;
+  const uint32_t bg = blockIdx.x, s = blockIdx.y, S = gridDim.y;
+  const Group gr = group_of<T, CL>(x, p, w, bg);
   float m1 = 0.f, m2 = 0.f;
-  for (int64_t k = threadIdx.x; k < p.CG; k += kThreads) {
+  for (int k = threadIdx.x; k < p.CG; k += kThreads) {
     float t1 = 0.f, t2 = 0.f, t3 = 0.f;
-    for (int64_t q = 0; q < S; ++q) {
-      const float* pp = part + (bg * S + q) * 3 * p.CG;
+    for (uint32_t q = 0; q < S; ++q) {
+      const float* pp = part + (static_cast<int64_t>(bg) * S + q) * 3 * p.CG;
       t1 += pp[k];
       t2 += pp[p.CG + k];
       t3 += pp[2 * p.CG + k];
     }
-    const int64_t c = g * p.CG + k;
-    const float W = gn_channel(p, b, c).W;
+    const int64_t c = gr.g * p.CG + k;
+    const float W = gn_channel(p, gr.b, c).W;
     m1 += W * t1;
     m2 += W * t2;
     if (s == 0) {
-      sums[b * p.C + c] = t1;
-      sums[(p.B + b) * p.C + c] = t2;
-      sums[(2 * p.B + b) * p.C + c] = t3;
+      sums[gr.b * p.C + c] = t1;
+      sums[(p.B + gr.b) * p.C + c] = t2;
+      sums[(2 * p.B + gr.b) * p.C + c] = t3;
     }
   }
   const float2 m = block_sum2(m1, m2);
-  m1 = m.x / static_cast<float>(p.n);
-  m2 = m.y / static_cast<float>(p.n);
-  const Pivot pv = pivot_of(x, p, b, g);
   const float r = rstd[bg], md = mean[bg];
-  int64_t cur = -1;
-  GnChannel ch{0.f, 1.f, 0.f};
-  float centre = 0.f;
-  const int64_t end = min(p.n, (s + 1) * chunk);
-  for (int64_t e = s * chunk + threadIdx.x; e < end; e += kThreads) {
-    const int64_t c = p.channel(g, e);
-    if (c != cur) {
-      cur = c;
-      ch = gn_channel(p, b, c);
-      centre = gn_centre(ch.add, pv.a, md);
+  // dx = r (W gz - m1 - xhat m2) = (r W) gz - (r m1 + xhat (r m2))
+  const float rm1 = r * m.x / static_cast<float>(p.n), rm2 = r * m.y / static_cast<float>(p.n);
+  constexpr uint32_t kNone = 0xffffffffu;
+  uint32_t cur = kNone;
+  BwdChannels<NC> ch;
+  const uint32_t end = min(static_cast<uint32_t>(p.n / V), (s + 1) * chunk);
+  for (uint32_t u = s * chunk + threadIdx.x; u < end; u += kThreads) {
+    uint32_t k;
+    const uint32_t o = w.at<CL, V>(u, &k);
+    if (k != cur) {
+      cur = k;
+      ch.load(p, gr, md, r, k);
     }
-    const int64_t o = p.offset(b, g, e);
-    const float xh = gn_xhat(static_cast<float>(x[o]), pv.x, centre, r);
-    dx[o] = static_cast<scalar_t>(gn_dx(grad_z(static_cast<float>(dy[o]), xh, ch, p.silu), xh, ch.W, r, m1, m2));
+    float xv[V], gv[V];
+    load_pack<T, V>(x + gr.base + o, gr.px, xv);
+    load_pack<T, V>(dy + gr.base + o, 0.f, gv);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const int c = CL ? j : 0;
+      const float xh = fmaf(xv[j], r, ch.cr[c]);
+      const float gz = grad_z(gv[j], xh, ch.W[c], ch.Bc[c], p.silu);
+      gv[j] = fmaf(r * ch.W[c], gz, -fmaf(xh, rm2, rm1));
+    }
+    store_pack<T, V>(dx + gr.base + o, gv);
   }
 }
 
@@ -318,6 +718,7 @@ std::tuple<at::Tensor, at::Tensor> group_norm_backward_cuda(
     const std::optional<at::Tensor>& shift, bool silu, bool channels_last) {
   const Gn p = group_norm_params(x, num_groups, weight, bias, 1.0, add, scale, shift, silu, channels_last);
   check_group_norm_backward(dy, x, mean, rstd, num_groups, channels_last);
+  check_sizes(p);
   TORCH_CHECK(p.CG <= kMaxBackwardCg, "num_groups: the CUDA backward takes at most ", kMaxBackwardCg,
               " channels a group, got ", p.CG);
   const c10::cuda::CUDAGuard guard(x.device());
@@ -326,18 +727,23 @@ std::tuple<at::Tensor, at::Tensor> group_norm_backward_cuda(
   if (x.numel() == 0) return {dx, sums.zero_()};
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t groups = p.B * p.G;
-  const std::pair<int64_t, int64_t> split = split_of(p, groups, sm_count(x));
-  const int64_t slices = split.first, chunk = split.second;
-  at::Tensor part = at::empty({groups * slices * 3 * p.CG}, x.options().dtype(at::kFloat));
-  const dim3 grid(static_cast<unsigned>(groups), static_cast<unsigned>(slices));
+  const int sms = sm_count(x);
   const size_t shared = 3 * p.CG * sizeof(float);
   const float *mp = mean.data_ptr<float>(), *rp = rstd.data_ptr<float>();
   DDPM_FAST_DISPATCH_KERNEL_TYPES(x.scalar_type(), "group_norm_backward_cuda", [&] {
-    gnb_sums<scalar_t><<<grid, kThreads, shared, stream>>>(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), mp, rp,
-                                                           part.data_ptr<float>(), p, chunk);
-    gnb_dx<scalar_t><<<grid, kThreads, 0, stream>>>(dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                                                    dx.data_ptr<scalar_t>(), mp, rp, part.data_ptr<float>(),
-                                                    sums.data_ptr<float>(), p, chunk);
+    const scalar_t *dyp = dy.data_ptr<scalar_t>(), *xp = x.data_ptr<scalar_t>();
+    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    const int V = vector_width<scalar_t>(p, {dyp, xp, dxp});
+    const Walk w = walk_of(p, V);
+    dispatch_geometry<scalar_t>(channels_last, V, [&]<bool CL, int kV>() {
+      const auto [slices, chunk] = split_of(p.n / kV, groups, sms);
+      at::Tensor part = at::empty({groups * slices * 3 * p.CG}, x.options().dtype(at::kFloat));
+      const dim3 grid(static_cast<unsigned>(groups), slices);
+      gnb_sums<scalar_t, CL, kV><<<grid, kThreads, shared, stream>>>(dyp, xp, mp, rp, part.data_ptr<float>(), p, w,
+                                                                      chunk);
+      gnb_dx<scalar_t, CL, kV><<<grid, kThreads, 0, stream>>>(dyp, xp, dxp, mp, rp, part.data_ptr<float>(),
+                                                              sums.data_ptr<float>(), p, w, chunk);
+    });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {dx, sums};
