@@ -129,3 +129,41 @@ def test_cuda_default_backend_is_the_extension_or_triton():
     assert z.is_cuda
     ref = df.philox_randn((2, 9), 5, backend="reference")
     assert ((z.cpu() - ref).abs() <= normal_bound(ref, torch.float32)).all()
+
+
+try:  # a kernel reads its callees from the module's globals
+    import triton
+    import triton.language as tl
+
+    from ddpm_fast.triton.philox import sin_cos
+
+    @triton.jit
+    def _sin_cos_kernel(theta_ptr, sin_ptr, cos_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        s, c = sin_cos(tl.load(theta_ptr + i, mask=i < n))
+        tl.store(sin_ptr + i, s, mask=i < n)
+        tl.store(cos_ptr + i, c, mask=i < n)
+except ImportError:  # no triton: the test below skips
+    pass
+
+@needs("triton")
+@pytest.mark.triton
+def test_triton_sin_cos_accuracy():
+    """The Box-Muller sin/cos of the Triton kernels against float64, on a grid of the contract's
+    thetas (fresh offset each run) and on the floats just below each multiple of pi/2."""
+    import numpy as np
+    import triton
+
+    u = (torch.arange(2**16, dtype=torch.float64) + torch.rand(2**16, dtype=torch.float64)) / 2**16
+    below = [np.float32(k * np.pi / 2) - np.arange(200, dtype=np.float32) * np.spacing(np.float32(k * np.pi / 2))
+             for k in range(1, 5)]
+    theta = torch.cat([(u.float() * np.float32(6.283185307179586)).clamp_max(6.2831855),
+                       torch.from_numpy(np.concatenate(below))])
+    sin, cos = torch.full_like(theta, float("nan")), torch.full_like(theta, float("nan"))
+    _sin_cos_kernel[(triton.cdiv(theta.numel(), 4096),)](theta, sin, cos, theta.numel(), BLOCK=4096)
+    for got, ref in ((sin, torch.sin(theta.double())), (cos, torch.cos(theta.double()))):
+        err = (got.double() - ref).abs()
+        ulp = torch.from_numpy(np.spacing(ref.abs().float().numpy())).double()
+        assert err.max() < 1.2e-7
+        assert (err / ulp)[ref.abs() > 1e-6].max() <= 2.0
+        assert err[ref.abs() < 1e-6].max() < 1e-13
