@@ -17,7 +17,8 @@
 //   one extra call per channel and sample).  A warp's lanes take consecutive c at (nearly) the same
 //   hw, so each of an item's 4 loads and stores is coalesced along c: whole for C >= 32, and for
 //   small C the 4 together cover one contiguous span (L1 serves the loads, L2 merges the stores).
-//   With C = 1 or HW = 1 the memory order is NCHW's, and the contiguous kernels run.
+//   The items' index math is ddpm_fast/channels_last.h (host-tested by channels_last_test).  With
+//   C = 1 or HW = 1 the memory order is NCHW's, and the contiguous kernels run.
 // The Philox seed and sample offset come from the int arguments, or from an int64 [2] device tensor
 // (rng) read at run time, so one captured CUDA graph serves every batch of a run.
 // Bytes: p_step 3 * N * sizeof(T) (+N for learned_range's v, +N when noise is passed in);
@@ -34,7 +35,7 @@
 #include <algorithm>
 #include <tuple>
 
-#include "ddpm_fast/fastdiv.h"
+#include "ddpm_fast/channels_last.h"
 #include "ddpm_fast/launch.h"
 #include "ddpm_fast/step.h"
 
@@ -108,19 +109,6 @@ struct Key {
 
 __device__ __forceinline__ Key philox_key(const Launch& L) {
   return L.rng ? Key{static_cast<uint64_t>(L.rng[0]), L.rng[1]} : Key{L.seed, L.sample_offset};
-}
-
-// A channels_last item: channel c, the Philox group g it draws, and the hw of the group's lane 0
-// (as uint32, so lanes before the channel's start wrap past HW and fail the same `hw < HW` test).
-struct ChannelGroup {
-  uint32_t c, g, hw0;
-};
-
-__device__ __forceinline__ ChannelGroup channel_group(const Launch& L, uint32_t item) {
-  uint32_t q;
-  const uint32_t c = L.by_C.divmod(item, &q);
-  const uint32_t jc = c * L.HW, g = (jc >> 2) + q;
-  return {c, g, 4 * g - jc};
 }
 
 // ------------------------------------------------------------------------- p_step
@@ -200,7 +188,7 @@ __global__ void __launch_bounds__(kThreads)
     const scalar_t* nb = noise ? noise + b * N : nullptr;
     scalar_t* yb = y + b * N;
     for (uint32_t item = blockIdx.x * blockDim.x + threadIdx.x; item < L.items; item += gridDim.x * blockDim.x) {
-      const ChannelGroup cg = channel_group(L, item);
+      const ChannelGroup cg = channel_group(L.by_C, L.HW, item);
       if (static_cast<int32_t>(cg.hw0) >= static_cast<int32_t>(HW)) continue;  // channel c ends before group g
       float xs[4], os[4], vs[4], zs[4];
 #pragma unroll
@@ -300,7 +288,7 @@ __global__ void __launch_bounds__(kThreads)
     scalar_t* yb = y + b * N;
     scalar_t* eb = eps_out ? eps_out + b * N : nullptr;
     for (uint32_t item = blockIdx.x * blockDim.x + threadIdx.x; item < L.items; item += gridDim.x * blockDim.x) {
-      const ChannelGroup cg = channel_group(L, item);
+      const ChannelGroup cg = channel_group(L.by_C, L.HW, item);
       if (static_cast<int32_t>(cg.hw0) >= static_cast<int32_t>(HW)) continue;  // channel c ends before group g
       float xs[4], zs[4];
 #pragma unroll
@@ -342,12 +330,7 @@ Launch make_launch(const at::Tensor& x, const char* name, const at::Tensor& t, c
   L.C = static_cast<uint32_t>(C);
   L.HW = static_cast<uint32_t>(HW);
   if (channels_last) {
-    // Groups per channel: a channel whose first index c HW is r past a multiple of 4 meets
-    // (r + HW - 1) / 4 + 1 groups, and r = c HW % 4 takes its values at c < 4.
-    int64_t per_channel = 0;
-    for (int64_t c = 0; c < std::min<int64_t>(C, 4); ++c) {
-      per_channel = std::max(per_channel, (c * HW % 4 + HW - 1) / 4 + 1);
-    }
+    const int64_t per_channel = channels_last_groups_per_channel(C, HW);
     L.items = static_cast<uint32_t>(C * per_channel);  // <= N / 4 + 2C, so < 2^31 too
     if (C) L.by_C = FastDivmod(L.C);
   }
