@@ -196,7 +196,7 @@ def test_bad_input(kw, exc, match):
 
 
 # ----------------------------------------------------------------- fused kernels
-from conftest import KERNEL_BACKENDS, backend_device, layout, store_slack  # noqa: E402
+from conftest import KERNEL_BACKENDS, backend_device, layout, requires_cuda, store_slack  # noqa: E402
 
 OPTION_SETS = list(itertools.product(PREDICTIONS, ["fixed_small", "fixed_large", "learned_range"], [False, True],
                                      ["posterior", "eps"]))
@@ -251,6 +251,28 @@ def test_kernel_dtypes_layouts_shapes(backend, dtype, fmt, shape, variance, gen,
     kernel_vs_reference(backend, dtype, shape, fmt, gen, variance=variance, prediction="v_prediction")
 
 
+# channels_last tiles: C = 1 and HW = 1 (NCHW's memory order), HW % 4 in {1, 2, 3} (Philox groups
+# that straddle channels), C above a warp, and a sample of several blocks of items.
+CL_SHAPES = {"c1-odd": (2, 1, 5, 5), "hw6": (1, 3, 2, 3), "c3-odd": (2, 3, 7, 9), "hw2": (2, 5, 1, 2),
+             "c33": (2, 33, 3, 3), "blocks": (1, 2, 31, 33), "hw1": (3, 4, 1, 1)}
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", CL_SHAPES.values(), ids=CL_SHAPES.keys())
+@pytest.mark.parametrize("variance", ["fixed_small", "learned_range"])
+def test_kernel_channels_last_tiles(backend, dtype, shape, variance, gen, poison):
+    kernel_vs_reference(backend, dtype, shape, "channels_last", gen, variance=variance)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_cuda_more_samples_than_grid_rows(fmt, gen, poison):
+    """B > 65535: the kernels' sample loop (blockIdx.y strides by gridDim.y)."""
+    kernel_vs_reference("cuda", torch.float32, (70000, 2, 1, 2), fmt, gen, variance="learned_range")
+
+
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_kernel_other_ranks_and_scalar_t(backend, gen, poison):
     dev = backend_device(backend)
@@ -263,10 +285,11 @@ def test_kernel_other_ranks_and_scalar_t(backend, gen, poison):
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_kernel_passed_noise(backend, gen, poison):
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_kernel_passed_noise(backend, fmt, gen, poison):
     dev = backend_device(backend)
     s = df.NoiseSchedule.linear(1000)
-    x, out, z = (torch.randn(2, 3, 4, 5, generator=gen).to(dev) for _ in range(3))
+    x, out, z = (layout(torch.randn(2, 3, 4, 5, generator=gen).to(dev), fmt) for _ in range(3))
     t = torch.tensor([0, 400], device=dev)
     y = df.p_step(x, out, t, s, noise=z, backend=backend, variance="fixed_large")
     ref = df.reference.p_step(x.double(), out.double(), t, s, noise=z.double(), variance="fixed_large")

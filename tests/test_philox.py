@@ -63,6 +63,22 @@ def test_normals_match_reference(backend, dtype, gen):
     assert ((ours.float().cpu() - ref).abs() <= normal_bound(ref, dtype)).all()
 
 
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(3, 4, 4), (2, 1, 1), (70000, 4), (70000, 3)],
+                         ids=["vector", "partial", "many-samples-vector", "many-samples-partial"])
+def test_cuda_normals_stores(dtype, shape, gen):
+    """Whole groups stored as one vector (n % 4 == 0), partial ones element by element, and more
+    samples than grid rows (B > 65535); float64 through the op itself (ops.py sends it to the reference)."""
+    t = torch.randint(0, 1000, (shape[0],), generator=gen)
+    ours = torch.ops.ddpm_fast.philox_randn(t.cuda(), list(shape[1:]), 77, 0, 5, dtype)
+    ref = df.philox_randn(shape, 77, t=t, stream=0, sample_offset=5, backend="reference")
+    assert ours.dtype == dtype and ours.shape == shape
+    bound = normal_bound(ref, torch.float32 if dtype == torch.float64 else dtype)
+    assert ((ours.float().cpu() - ref).abs() <= bound).all()
+
+
 def test_normal_bound_scales_with_the_value():
     """Compiled Triton's sqrt.approx moves |z| > 4 by more than a flat 1e-6; the bound scales."""
     ref = torch.tensor([0.1, 1.0, 5.0, -5.0])

@@ -87,10 +87,40 @@ def test_kernel_matches_reference(backend, dtype, fmt, shape, return_noise, gen,
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_kernel_passed_noise_and_batch_invariance(backend, gen, poison):
+@pytest.mark.parametrize("shape", [(2, 1, 5, 5), (1, 3, 2, 3), (2, 5, 1, 2), (2, 33, 3, 3), (1, 2, 31, 33),
+                                   (3, 4, 1, 1)], ids=["c1-odd", "hw6", "hw2", "c33", "blocks", "hw1"])
+def test_kernel_channels_last_tiles(backend, shape, gen, poison):
+    """channels_last tiles (see test_p_step.CL_SHAPES): x_t to the float64 truth, eps bit for bit."""
+    dev = backend_device(backend)
+    s = df.NoiseSchedule.cosine(1000)
+    x0 = layout(torch.randn(shape, generator=gen).to(dev), "channels_last")
+    t = torch.randint(0, 1000, (shape[0],), generator=gen).to(dev)
+    x_t, eps = df.q_sample(x0, t, s, seed=21, sample_offset=2, return_noise=True, backend=backend)
+    z = df.philox_randn(shape, 21, t=t, stream=1, sample_offset=2, backend=backend)
+    assert x_t.is_contiguous(memory_format=torch.channels_last) and torch.equal(eps, z)
+    assert rel_err(x_t, df.reference.q_sample(x0.double(), t, s, noise=z.double())) < 1e-5
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_cuda_more_samples_than_grid_rows(fmt, gen, poison):
+    """B > 65535: the kernels' sample loop (blockIdx.y strides by gridDim.y)."""
+    s = df.NoiseSchedule.linear(1000)
+    x0 = layout(torch.randn(70000, 2, 1, 2, generator=gen).to("cuda"), fmt)
+    t = torch.randint(0, 1000, (70000,), generator=gen).to("cuda")
+    x_t, eps = df.q_sample(x0, t, s, seed=4, sample_offset=1, return_noise=True, backend="cuda")
+    z = df.philox_randn(x0.shape, 4, t=t, stream=1, sample_offset=1, backend="cuda")
+    assert torch.equal(eps, z)
+    assert rel_err(x_t, df.reference.q_sample(x0.double(), t, s, noise=z.double())) < 1e-5
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_kernel_passed_noise_and_batch_invariance(backend, fmt, gen, poison):
     dev = backend_device(backend)
     s = df.NoiseSchedule.linear(1000)
-    x0, eps = (torch.randn(6, 3, 5, 5, generator=gen).to(dev) for _ in range(2))
+    x0, eps = (layout(torch.randn(6, 3, 5, 5, generator=gen).to(dev), fmt) for _ in range(2))
     t = torch.randint(0, 1000, (6,), generator=gen).to(dev)
     y = df.q_sample(x0, t, s, noise=eps, backend=backend)
     assert rel_err(y, df.reference.q_sample(x0.double(), t, s, noise=eps.double())) < 1e-6

@@ -47,6 +47,7 @@ struct StepOptions {
 // One sample's coefficients, read once per sample from the table at its t.
 struct StepCoefs {
   float s1, s2, c1, c2, recip_sqrt_alpha, eps_coef, sigma, log_beta, log_post;
+  float recip_s1, recip_s2;  // 1 / s1, 1 / s2 for the GPU (quotient below)
   bool noisy;  // t > 0
 };
 
@@ -66,20 +67,37 @@ DF_HD StepCoefs load_coefs(const float* table, int64_t T, int64_t t_raw, int var
   k.log_beta = table[kLogBetas * T + t];
   k.log_post = table[kPosteriorLogVarianceClipped * T + t];
   k.sigma = sqrtf(table[(variance == kFixedLarge ? kBetas : kPosteriorVariance) * T + t]);
+  k.recip_s1 = 1.0f / k.s1;
+  k.recip_s2 = 1.0f / k.s2;
   k.noisy = t > 0;
   return k;
+}
+
+// a / s for a per-sample coefficient s.  The GPU has no divider: an IEEE divide there is ~10
+// instructions with a call to a slow path, per element; the reciprocal, once per sample, costs one
+// more rounding (the quotient within 1.5 ulps, not 0.5; s = 0 still gives +-inf or NaN).  The host
+// divides, so the CPU kernels' results stay what they were.
+DF_HD float div_coef(float a, float s, float recip_s) {
+#if defined(__CUDA_ARCH__)
+  (void)s;
+  return a * recip_s;
+#else
+  (void)recip_s;
+  return a / s;
+#endif
 }
 
 // x_{t-1} for one element: x = x_t, o = model output, v = the learned-range channel (unused
 // otherwise), z = the element's standard normal.
 DF_HD float p_step_element(float x, float o, float v, float z, const StepCoefs& k, const StepOptions& opt) {
-  float x0 = opt.prediction == kPredictEps ? (x - k.s2 * o) / k.s1 : (opt.prediction == kPredictSample ? o : k.s1 * x - k.s2 * o);
+  float x0 = opt.prediction == kPredictEps ? div_coef(x - k.s2 * o, k.s1, k.recip_s1)
+                                          : (opt.prediction == kPredictSample ? o : k.s1 * x - k.s2 * o);
   if (opt.clip) x0 = fminf(fmaxf(x0, -opt.clip_range), opt.clip_range);
   float mean;
   if (opt.form == kFormPosterior) {
     mean = k.c1 * x0 + k.c2 * x;
   } else {
-    const float e = (opt.prediction == kPredictEps && !opt.clip) ? o : (x - k.s1 * x0) / k.s2;
+    const float e = (opt.prediction == kPredictEps && !opt.clip) ? o : div_coef(x - k.s1 * x0, k.s2, k.recip_s2);
     mean = k.recip_sqrt_alpha * (x - k.eps_coef * e);
   }
   if (!k.noisy) return mean;
