@@ -44,27 +44,30 @@ ARCH = 90
 _SIZE = {"float": 4, "Half": 2, "BFloat16": 2}
 
 
-def _cuda_elements(name: str) -> tuple:
+def _cuda_elements(name: str, source: str) -> tuple:
     """(elements per hot-loop pass, whether the whole kernel is the pass) of a CUDA kernel, from its
-    demangled name."""
+    demangled name and its file's source."""
     m = re.search(r"<(float|Half|BFloat16)", name)
     size = _SIZE[m.group(1)] if m else 4
     vector = re.search(r", (\d+)>$", name)  # the GroupNorm kernels' V: values per access
     for pattern, elements, whole in CUDA_ELEMENTS:
         if re.search(pattern, name):
-            return elements(size, int(vector.group(1)) if vector else 1), whole
+            return elements(size, int(vector.group(1)) if vector else 1, source), whole
     return None, False
 
 
 CUDA_ELEMENTS = [
     # A thread's 16 bytes per pass (one or two Philox groups).
-    (r"^(p_step|q_sample)_contiguous", lambda size, v: 16 // size, False),
-    (r"^(p_step|q_sample)_channels_last", lambda size, v: 1, False),
-    (r"^philox_randn_kernel", lambda size, v: 4, False),
+    (r"^(p_step|q_sample)_contiguous", lambda size, v, src: 16 // size, False),
+    # channels_last: a Philox group's (up to) 4 elements per item since channels_last.h, one before.
+    (r"^(p_step|q_sample)_channels_last", lambda size, v, src: 4 if "channels_last.h" in src else 1, False),
+    (r"^philox_randn_kernel", lambda size, v, src: 4, False),
+    # A thread's Philox group (4 elements) at one window position per pass.
+    (r"^picard_kernel", lambda size, v, src: 4, False),
     # The on-chip GroupNorm caches kCache = 16 values a thread, loops unrolled: the whole kernel.
-    (r"^gn_onchip", lambda size, v: 16, True),
+    (r"^gn_onchip", lambda size, v, src: 16, True),
     # The split/rows GroupNorm kernels and the backward: V values per pass of their walk.
-    (r"^(gn_stats|gn_norm|gn_rows_stats|gn_rows_norm|gnb_sums|gnb_dx)<", lambda size, v: v, False),
+    (r"^(gn_stats|gn_norm|gn_rows_stats|gn_rows_norm|gnb_sums|gnb_dx)<", lambda size, v, src: v, False),
 ]
 
 TRITON_ELEMENTS = {
@@ -219,6 +222,7 @@ def _nvcc() -> str:
 
 
 def cuda_records(tree: Path, work: Path) -> List[dict]:
+    os.environ.setdefault("CUDA_HOME", str(Path(_nvcc()).parent.parent))  # for torch's include paths
     from torch.utils.cpp_extension import include_paths
 
     sources = sorted((tree / "csrc" / "cuda").glob("*.cu"))
@@ -246,7 +250,7 @@ def cuda_records(tree: Path, work: Path) -> List[dict]:
                 continue
             name = _short(names[mangled])
             records.append(dict(file=src.name, kernel=name, **usage[mangled],
-                                **sass_stats(sass[mangled], *_cuda_elements(name))))
+                                **sass_stats(sass[mangled], *_cuda_elements(name, src.read_text()))))
     return records
 
 

@@ -50,7 +50,10 @@ def test_whole_kernel_when_asked():
 
 
 def test_cuda_elements_from_names():
-    assert kernel_report._cuda_elements("p_step_contiguous<Half, true>") == (8, False)
-    assert kernel_report._cuda_elements("gn_stats<float, true, 4>") == (4, False)
-    assert kernel_report._cuda_elements("gn_onchip<BFloat16, false, 8>") == (16, True)
-    assert kernel_report._cuda_elements("flash_fwd<Fp16, 64>") == (None, False)
+    assert kernel_report._cuda_elements("p_step_contiguous<Half, true>", "") == (8, False)
+    assert kernel_report._cuda_elements("q_sample_channels_last<float>", "") == (1, False)
+    assert kernel_report._cuda_elements("q_sample_channels_last<float>", '#include "ddpm_fast/channels_last.h"') == \
+        (4, False)
+    assert kernel_report._cuda_elements("gn_stats<float, true, 4>", "") == (4, False)
+    assert kernel_report._cuda_elements("gn_onchip<BFloat16, false, 8>", "") == (16, True)
+    assert kernel_report._cuda_elements("flash_fwd<Fp16, 64>", "") == (None, False)
