@@ -1,5 +1,7 @@
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -78,7 +80,7 @@ def test_cuda_matmul_under_the_poison_fixture(poison):
 
 TRITON_MARKS = [needs("triton"), pytest.mark.triton]
 CUDA_MARKS = [needs("cuda"), pytest.mark.cuda]
-# The CUDA kernel runs fp16/bf16 on tensor cores; fp32 is Triton's (full-fp32 dots).
+# The CUDA kernel runs fp16/bf16 on tensor cores; fp32 is Triton's (tf32x3 dots, also on tensor cores).
 BACKEND_DTYPES = [pytest.param("triton", dt, marks=TRITON_MARKS, id=f"triton-{str(dt)[6:]}")
                   for dt in (torch.float32, torch.float16, torch.bfloat16)] + \
                  [pytest.param("cuda", dt, marks=CUDA_MARKS, id=f"cuda-{str(dt)[6:]}")
@@ -160,6 +162,53 @@ def unaligned_copy(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _tf32(x: torch.Tensor, rounded: bool) -> torch.Tensor:
+    """fp32 -> fp32 with tf32's 10-bit mantissa: rounded to nearest (ties away, as cvt.rna.tf32.f32),
+    or truncated (what a tensor core does with the low 13 bits of an fp32 operand)."""
+    bits = x.contiguous().view(torch.int32)
+    return ((bits + 0x1000 if rounded else bits) & ~0x1FFF).view(torch.float32)
+
+
+def _emulated_dot(a: torch.Tensor, b: torch.Tensor, precision: str) -> torch.Tensor:
+    """a @ b in fp32 with tl.dot's input rounding: products of tf32 values are exact in fp32, so fp32
+    matmuls of the rounded operands stand in for the tensor core."""
+    if precision == "ieee":
+        return a @ b
+    if precision == "tf32":
+        return _tf32(a, False) @ _tf32(b, False)
+    if precision == "tf32-rn":
+        return _tf32(a, True) @ _tf32(b, True)
+    a_hi, b_hi = _tf32(a, True), _tf32(b, True)  # tf32x3, as Triton splits it
+    a_lo, b_lo = _tf32(a - a_hi, False), _tf32(b - b_hi, False)
+    return a_lo @ b_hi + a_hi @ b_lo + a_hi @ b_hi
+
+
+def _emulated_attention(q, k, v, precision):
+    s = _emulated_dot(q, k.transpose(-1, -2), precision) * q.shape[-1] ** -0.5
+    p = torch.exp(s - s.amax(-1, keepdim=True))
+    return _emulated_dot(p, v, precision) / p.sum(-1, keepdim=True)
+
+
+# The U-Net's attention shapes: the CIFAR-10 DDPM at 16 x 16 (one head of 256) and at 4 x 4, a
+# 64-wide multi-head one, and sharper scores (q x 3).
+TF32_CASES = [(4, 1, 256, 256, 1.0), (4, 1, 16, 256, 1.0), (2, 4, 256, 64, 1.0), (4, 1, 256, 256, 3.0)]
+
+
+@pytest.mark.parametrize("B,H,L,d,sharp", TF32_CASES)
+def test_tf32x3_is_as_accurate_as_fp32_and_tf32_is_not(B, H, L, d, sharp, gen):
+    """Why fp32 attention runs tf32x3 (ddpm_fast/triton/attention.py): with its input rounding emulated
+    on the CPU, its error against float64 matches full-fp32 dots (~4e-7), where plain tf32's is 3e-4
+    (operands rounded) to 1.5e-3 (truncated).  The interpreter ignores input_precision: the rounding is
+    checked here, the kernel on a GPU by the test below."""
+    q, k, v = (torch.randn(B, H, L, d, generator=gen, dtype=torch.float64) for _ in range(3))
+    q = q * sharp
+    ref = df.reference.attention(q, k, v)
+    err = {p: rel_err(_emulated_attention(q.float(), k.float(), v.float(), p), ref)
+           for p in ("ieee", "tf32x3", "tf32-rn", "tf32")}
+    assert err["tf32x3"] < 2 * err["ieee"] and err["tf32x3"] < 1e-6, err  # ratio <= 1.26 over 40 seeds
+    assert err["tf32-rn"] > 1e-4 and err["tf32"] > 5e-4, err
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="cuda: no GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
@@ -180,6 +229,62 @@ def test_cuda_kernel_tiles_tails_and_alignment(dtype, d, Lq, Lk, fmt, gen, poiso
     assert out.dtype == dtype and out.shape == q.shape
     assert_close_to_float64(out, df.reference.attention(q, k, v), qd, kd, vd)
     assert all(torch.equal(t, b) for t, b in zip((qd, kd, vd), before))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuda: no GPU")
+@pytest.mark.parametrize("B,H,L,d,sharp", TF32_CASES + [(2, 2, 1024, 128, 1.0), (2, 2, 255, 32, 1.0)])
+def test_fp32_tensor_core_dots_keep_fp32_accuracy(B, H, L, d, sharp, gen, poison):
+    """The Triton fp32 path (tf32x3 on tensor cores) within 2e-6 of float64: about 4e-7 expected, and
+    plain tf32 (4e-4 and more) would fail.  Whatever torch's allow_tf32 says."""
+    q, k, v = (torch.randn(B, H, L, d, generator=gen, dtype=torch.float64) for _ in range(3))
+    q = q * sharp
+    ref = df.reference.attention(q, k, v)
+    qd, kd, vd = (t.to("cuda", torch.float32) for t in (q, k, v))
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for allow in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = allow
+            out = df.attention(qd, kd, vd, backend="triton")
+            assert out.dtype == torch.float32
+            assert rel_err(out, ref) < 2e-6, (allow, rel_err(out, ref))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+_MMA_PROBE = r"""
+import re, sys, tempfile, torch
+from ddpm_fast.triton import compile_gate as gate
+gate._init_worker(int(sys.argv[1]), tempfile.mkdtemp())
+from ddpm_fast.triton.attention import attention
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for d in (1, 16, 32, 33, 64, 100, 128, 200, 256):
+        q = torch.empty(2, 2, 64, d, dtype=dtype)
+        gate._WORKER["compiled"] = []
+        attention(q, q, q, 0.125)
+        ptx = gate._WORKER["compiled"][-1][1].asm["ptx"]
+        print(str(dtype)[6:], d, len(re.findall(r"wgmma\.mma_async", ptx)), len(re.findall(r"\bmma\.sync", ptx)))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+@pytest.mark.parametrize("arch", [80, 90])
+def test_dots_compile_to_tensor_core_instructions(arch):
+    """Compiled for sm_90 (the compile gate's stand-in target), every dot is a wgmma but fp32's at
+    d = 256 (mma.sync: a 64-row wgmma tile spills there); for sm_80, mma.sync.  No dtype falls back to
+    FMA dots."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _MMA_PROBE, str(arch)], capture_output=True, text=True, env=env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.split()
+    assert len(lines) == 4 * 3 * 9, r.stdout
+    for line in r.stdout.splitlines():
+        dtype, d, wgmma, mma = line.split()
+        wants_wgmma = arch == 90 and not (dtype == "float32" and int(d) > 128)
+        assert (int(wgmma) > 0, int(mma) > 0) == (wants_wgmma, not wants_wgmma), line
 
 
 @pytest.mark.cuda
