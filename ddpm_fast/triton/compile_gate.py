@@ -32,14 +32,11 @@ from typing import Callable, Dict, Iterator, List, Optional
 
 DTYPES = ("float32", "float16", "bfloat16")
 ARCHS = (80, 90)
-# Bytes of spill stores + loads allowed per kernel.  A tile too large for the registers spills
-# hundreds to thousands of bytes, and fails.  Below that, ptxas keeps a 64-bit value or two on the
-# stack in a few kernels: 4 + 4 bytes in the fp32 channels_last p_step on sm_80 (around the local
-# array of libdevice's sinf/cosf range reduction, a path only arguments above ~1e5 take), 8 + 8 in
-# the fp16/bf16 channels_last _gn_norm (sm_80 and sm_90) and at d = 128 in the 16-bit attention on
-# sm_80, 4 + 4 in the fp32 _gnb_onchip at its largest tile (4096 values) on sm_90, and 4 + 4 (sm_80,
-# fp32) to 8 + 8 (sm_90) in _picard_kernel, under triton 3.6.  Those are listed, and pass.
-SPILL_BUDGET = 16
+# Bytes of spill stores + loads allowed per kernel: none.  The last small spills (a 64-bit value or two
+# around the local array of libdevice's sinf/cosf range reduction in the noise kernels, and at the
+# largest GroupNorm and 16-bit d = 128 attention tiles under triton 3.6) went with the Box-Muller's own
+# sin/cos (ddpm_fast/triton/philox.py), up to 16 warps for GroupNorm tiles and 2 stages for that tile.
+SPILL_BUDGET = 0
 # Shared memory one block may have (opted in), by compute capability: a kernel over it compiles but
 # cannot launch there.
 MAX_SHARED_BYTES = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}

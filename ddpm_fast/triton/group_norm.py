@@ -48,32 +48,50 @@ def _pivot(x_ptr, add_ptr, b, g, C, HW, CG, stride_c, HAS_ADD: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(x_ptr, add_ptr, b, g, hw, cl, HW, C, CG, stride_c, stride_hw, px, pa, HAS_ADD: tl.constexpr):
-    """Centred values d = (x - px) + (add - pa) of a [BLOCK_HW, BLOCK_C] tile, 0 outside the group."""
-    c = g * CG + cl
-    mask = (hw[:, None] < HW) & (cl[None, :] < CG)
-    offs = b.to(tl.int64) * C * HW + c[None, :].to(tl.int64) * stride_c + hw[:, None].to(tl.int64) * stride_hw
-    d = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - px
+def _channel_add(add_ptr, b, g, cl, C, CG, pa, HAS_ADD: tl.constexpr):
+    """The add of the program's channels relative to the pivot's, (add - pa), read once per program."""
     if HAS_ADD:
-        d += tl.load(add_ptr + b * C + c, mask=cl < CG, other=0.0).to(tl.float32)[None, :] - pa
-    return tl.where(mask, d, 0.0), offs, mask, c
+        a = tl.load(add_ptr + b * C + g * CG + cl, mask=cl < CG, other=0.0).to(tl.float32) - pa
+    else:
+        a = tl.zeros(cl.shape, tl.float32)
+    return a
 
 
 @triton.jit
-def _finish(y_ptr, d, mean, rstd, offs, mask, b, c, cmask, C, w_ptr, bias_ptr, scale_ptr, shift_ptr,
-            HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
-            SILU: tl.constexpr):
-    y = (d - mean) * rstd
-    if HAS_W:
-        y = y * tl.load(w_ptr + c, mask=cmask, other=1.0).to(tl.float32)[None, :]
-    if HAS_B:
-        y = y + tl.load(bias_ptr + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+def _load_tile(x_ptr, b, g, hw, cl, HW, C, CG, stride_c, stride_hw, px, add):
+    """Centred values d = (x - px) + (add - pa) of a [BLOCK_HW, BLOCK_C] tile, 0 outside the group."""
+    mask = (hw[:, None] < HW) & (cl[None, :] < CG)
+    offs = b.to(tl.int64) * C * HW + (g * CG + cl)[None, :].to(tl.int64) * stride_c + hw[:, None].to(tl.int64) * stride_hw
+    d = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - px + add[None, :]
+    return tl.where(mask, d, 0.0), offs, mask
+
+
+@triton.jit
+def _affine(w_ptr, bias_ptr, scale_ptr, shift_ptr, b, g, cl, C, CG, mean, rstd, HAS_W: tl.constexpr,
+            HAS_B: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """Per channel (A, K) with y = d A + K = ((d - mean) rstd w + bias) (1 + scale) + shift: weight,
+    bias, scale, shift and the statistics folded once per program, one FMA per value after."""
+    c = g * CG + cl
+    cmask = cl < CG
+    w = tl.load(w_ptr + c, mask=cmask, other=1.0).to(tl.float32) if HAS_W else tl.full(cl.shape, 1.0, tl.float32)
+    k = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(tl.float32) if HAS_B else tl.zeros(cl.shape, tl.float32)
     if HAS_SCALE:
-        y = y * (1.0 + tl.load(scale_ptr + b * C + c, mask=cmask, other=0.0).to(tl.float32)[None, :])
+        s = 1.0 + tl.load(scale_ptr + b * C + c, mask=cmask, other=0.0).to(tl.float32)
+        w = w * s
+        k = k * s
     if HAS_SHIFT:
-        y = y + tl.load(shift_ptr + b * C + c, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        k = k + tl.load(shift_ptr + b * C + c, mask=cmask, other=0.0).to(tl.float32)
+    a = rstd * w
+    return a, k - mean * a
+
+
+@triton.jit
+def _finish(y_ptr, d, a, k, offs, mask, SILU: tl.constexpr):
+    y = d * a[None, :] + k[None, :]
     if SILU:
-        y = y / (1.0 + tl.exp(-y))
+        # A division without IEEE rounding: no slow-path call in the loop (2 ulps, under the
+        # output's rounding in every dtype).
+        y = tl.fdiv(y, 1.0 + tl.exp(-y))
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -87,14 +105,16 @@ def _gn_onchip(x_ptr, y_ptr, w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, mea
     hw = tl.arange(0, BLOCK_HW)
     cl = tl.arange(0, BLOCK_C)
     px, pa = _pivot(x_ptr, add_ptr, b, g, C, HW, CG, stride_c, HAS_ADD)
-    d, offs, mask, c = _load_tile(x_ptr, add_ptr, b, g, hw, cl, HW, C, CG, stride_c, stride_hw, px, pa, HAS_ADD)
+    add = _channel_add(add_ptr, b, g, cl, C, CG, pa, HAS_ADD)
+    d, offs, mask = _load_tile(x_ptr, b, g, hw, cl, HW, C, CG, stride_c, stride_hw, px, add)
     mean = tl.sum(tl.sum(d, 1), 0) / count
     dc = tl.where(mask, d - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(dc * dc, 1), 0) / count + eps)
     tl.store(mean_ptr + bg, mean)
     tl.store(rstd_ptr + bg, rstd)
-    _finish(y_ptr, d, mean, rstd, offs, mask, b, c, cl < CG, C, w_ptr, bias_ptr, scale_ptr, shift_ptr, HAS_W, HAS_B,
-            HAS_SCALE, HAS_SHIFT, SILU)
+    a, k = _affine(w_ptr, bias_ptr, scale_ptr, shift_ptr, b, g, cl, C, CG, mean, rstd, HAS_W, HAS_B, HAS_SCALE,
+                   HAS_SHIFT)
+    _finish(y_ptr, d, a, k, offs, mask, SILU)
 
 
 @triton.jit
@@ -105,11 +125,12 @@ def _gn_stats(x_ptr, add_ptr, part_ptr, G, C, HW, CG, stride_c, stride_hw, chunk
     b, g = bg // G, bg % G
     cl = tl.arange(0, BLOCK_C)
     px, pa = _pivot(x_ptr, add_ptr, b, g, C, HW, CG, stride_c, HAS_ADD)
+    add = _channel_add(add_ptr, b, g, cl, C, CG, pa, HAS_ADD)
     acc1 = tl.zeros((BLOCK_HW, BLOCK_C), tl.float32)
     acc2 = tl.zeros((BLOCK_HW, BLOCK_C), tl.float32)
     for start in range(s * chunk, tl.minimum((s + 1) * chunk, HW), BLOCK_HW):
         hw = start + tl.arange(0, BLOCK_HW)
-        d, _, _, _ = _load_tile(x_ptr, add_ptr, b, g, hw, cl, HW, C, CG, stride_c, stride_hw, px, pa, HAS_ADD)
+        d, _, _ = _load_tile(x_ptr, b, g, hw, cl, HW, C, CG, stride_c, stride_hw, px, add)
         acc1 += d
         acc2 += d * d
     tl.store(part_ptr + (bg * S + s) * 2, tl.sum(tl.sum(acc1, 1), 0))
@@ -126,26 +147,27 @@ def _gn_norm(x_ptr, y_ptr, w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, mean_
     b, g = bg // G, bg % G
     cl = tl.arange(0, BLOCK_C)
     px, pa = _pivot(x_ptr, add_ptr, b, g, C, HW, CG, stride_c, HAS_ADD)
-    k = tl.arange(0, BLOCK_S)
-    s1 = tl.sum(tl.load(part_ptr + (bg * S + k) * 2, mask=k < S, other=0.0), 0)
-    s2 = tl.sum(tl.load(part_ptr + (bg * S + k) * 2 + 1, mask=k < S, other=0.0), 0)
+    sl = tl.arange(0, BLOCK_S)
+    s1 = tl.sum(tl.load(part_ptr + (bg * S + sl) * 2, mask=sl < S, other=0.0), 0)
+    s2 = tl.sum(tl.load(part_ptr + (bg * S + sl) * 2 + 1, mask=sl < S, other=0.0), 0)
     md = s1 / count
     rstd = 1.0 / tl.sqrt(tl.maximum(s2 / count - md * md, 0.0) + eps)
     if s == 0:
         tl.store(mean_ptr + bg, md)
         tl.store(rstd_ptr + bg, rstd)
+    add = _channel_add(add_ptr, b, g, cl, C, CG, pa, HAS_ADD)
+    a, k = _affine(w_ptr, bias_ptr, scale_ptr, shift_ptr, b, g, cl, C, CG, md, rstd, HAS_W, HAS_B, HAS_SCALE,
+                   HAS_SHIFT)
     for start in range(s * chunk, tl.minimum((s + 1) * chunk, HW), BLOCK_HW):
         hw = start + tl.arange(0, BLOCK_HW)
-        d, offs, mask, c = _load_tile(x_ptr, add_ptr, b, g, hw, cl, HW, C, CG, stride_c, stride_hw, px, pa,
-                                      HAS_ADD)
-        _finish(y_ptr, d, md, rstd, offs, mask, b, c, cl < CG, C, w_ptr, bias_ptr, scale_ptr, shift_ptr, HAS_W,
-                HAS_B, HAS_SCALE, HAS_SHIFT, SILU)
+        d, offs, mask = _load_tile(x_ptr, b, g, hw, cl, HW, C, CG, stride_c, stride_hw, px, add)
+        _finish(y_ptr, d, a, k, offs, mask, SILU)
 
 
 def _num_warps(tile: int) -> int:
-    # About 8 values a thread at most (Triton's layer-norm heuristic); 4 warps on a 2048-value tile
-    # spill under triton 3.6 (ddpm_fast.triton.compile_gate).
-    return min(max(tile // 256, 1), 8)
+    # About 8 values a thread (Triton's layer-norm heuristic), up to 16 warps: 4 warps on a 2048-value
+    # tile, and 8 on the backward's 4096, spill under triton 3.6 (ddpm_fast.triton.compile_gate).
+    return min(max(tile // 256, 1), 16)
 
 
 def _programs_wanted(device: torch.device) -> int:
