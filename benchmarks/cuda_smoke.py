@@ -47,7 +47,8 @@ def main() -> int:
                 print(f"p_step/q_sample {dtype} {tuple(shape)} {fmt}: rel err {err:.1e} / {qerr:.1e} "
                       f"{'ok' if ok else 'FAIL'}")
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for shape, groups in (((17, 64, 5, 7), 32), ((1, 64, 33, 31), 8)):  # on-chip and split-reduction paths
+        # on-chip, split-reduction and (channels_last, 3 channels a group: narrower than a sector) rows paths
+        for shape, groups in (((17, 64, 5, 7), 32), ((1, 64, 33, 31), 8), ((2, 96, 9, 11), 32)):
             for fmt in (torch.contiguous_format, torch.channels_last):
                 B, C = shape[:2]
                 x = torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=fmt)
