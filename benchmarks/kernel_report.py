@@ -39,14 +39,15 @@ ARCH = 90
 
 # Elements one thread handles in one pass of the hot loop (or in the whole kernel, for a kernel with
 # no loop): CUDA kernels by a pattern on the demangled name, with the element size of its dtype;
-# Triton kernels from the constexprs of their launch (a program's elements, over its threads).  A kernel not listed reports no per-element
-# figure.
+# Triton kernels from the constexprs of their launch (a program's elements, over its threads).  A
+# kernel not listed reports no per-element figure.
 _SIZE = {"float": 4, "Half": 2, "BFloat16": 2}
+_WIDTH = {1: "U8", 2: "U16", 4: "32", 8: "64", 16: "128"}  # LDG/STG suffix by access bytes
 
 
 def _cuda_elements(name: str, source: str) -> tuple:
     """(elements per hot-loop pass, whether the whole kernel is the pass) of a CUDA kernel, from its
-    demangled name and its file's source."""
+    demangled name and its file's source.  The elements may be a function of the hot loop's op counts."""
     m = re.search(r"<(float|Half|BFloat16)", name)
     size = _SIZE[m.group(1)] if m else 4
     vector = re.search(r", (\d+)>$", name)  # the GroupNorm kernels' V: values per access
@@ -54,6 +55,16 @@ def _cuda_elements(name: str, source: str) -> tuple:
         if re.search(pattern, name):
             return elements(size, int(vector.group(1)) if vector else 1, source), whole
     return None, False
+
+
+def _accesses(kind: str, size: int, v: int, per_element: int = 1):
+    """Elements per pass counted from the loop's data accesses: the compiler unrolls the GroupNorm walks
+    (4 values a pass at V = 1, not 1), so V values per LDG or STG of V * size bytes, over the data
+    tensors each value takes (per_element).  None where a float32 scalar access can't be told from
+    the fp32 per-channel parameters' loads."""
+    if kind == "LDG" and v * size == 4:
+        return None
+    return lambda ops: v * ops.get(f"{kind}.{_WIDTH[v * size]}", 0) / per_element or None
 
 
 CUDA_ELEMENTS = [
@@ -66,8 +77,10 @@ CUDA_ELEMENTS = [
     (r"^picard_kernel", lambda size, v, src: 4, False),
     # The on-chip GroupNorm caches kCache = 16 values a thread, loops unrolled: the whole kernel.
     (r"^gn_onchip", lambda size, v, src: 16, True),
-    # The split/rows GroupNorm kernels and the backward: V values per pass of their walk.
-    (r"^(gn_stats|gn_norm|gn_rows_stats|gn_rows_norm|gnb_sums|gnb_dx)<", lambda size, v, src: v, False),
+    # The GroupNorm walks: the values they store (y, dx), or load (x; x and dy in gnb_sums).
+    (r"^(gn_norm|gn_rows_norm|gnb_dx)\b", lambda size, v, src: _accesses("STG", size, v), False),
+    (r"^(gn_stats|gn_rows_stats)\b", lambda size, v, src: _accesses("LDG", size, v), False),
+    (r"^gnb_sums\b", lambda size, v, src: _accesses("LDG", size, v, 2), False),
 ]
 
 TRITON_ELEMENTS = {
@@ -144,8 +157,9 @@ def parse_sass(text: str) -> Dict[str, List[tuple]]:
     return functions
 
 
-def sass_stats(insns: List[tuple], elements: Optional[float], whole: bool = False) -> dict:
-    """Static counts for one function (see the module docstring); whole: count the whole kernel."""
+def sass_stats(insns: List[tuple], elements, whole: bool = False) -> dict:
+    """Static counts for one function (see the module docstring); elements: per pass, or a function
+    of the hot loop's op counts that gives them; whole: count the whole kernel."""
     insns = [i for i in insns if i[1] != "NOP"]
     index_of = {lab: k for k, ins in enumerate(insns) for lab in ins[3]}
     # Subroutines: CALL.REL targets inside the function, from the label to the next RET.
@@ -184,6 +198,8 @@ def sass_stats(insns: List[tuple], elements: Optional[float], whole: bool = Fals
             width = re.search(r"\.(128|64|U16|S16|U8|16|32)\b", opcode)
             key = f"{base}.{width.group(1) if width else '32'}"
             ops[key] = ops.get(key, 0) + 1
+    if callable(elements):
+        elements = elements(ops)
     return dict(instructions=len(insns), loop=bool(hot), hot_instructions=count, elements=elements,
                 per_element=round(count / elements, 1) if elements else None, ops=ops)
 
@@ -348,7 +364,10 @@ def markdown(before: dict, after: dict, rev: str, head: str) -> str:
              "compiled code (ptxas/nvcc for sm_90, nvdisasm), not speeds.  **hot** = SASS instructions in the hot "
              "loop (the widest loop; the whole kernel when it has none), each subroutine it calls counted once per "
              "call site; **/elem** = hot / the elements one pass handles; **spill** = local memory bytes (CUDA) or "
-             "ptxas spill bytes (Triton); ops are counted in the hot loop.", ""]
+             "ptxas spill bytes (Triton); ops are counted in the hot loop.  A kernel with run-time options carries the "
+             "code of each (nvcc specialises p_step's step math per option): its count sums the paths, of which a "
+             "launch runs one.  A kernel renamed by the change (the GroupNorm kernels, now templated on layout and "
+             "vector width) shows its old name as absent after, and its new names absent before.", ""]
     header = ("| kernel | | regs | spill | stack | shared | hot | /elem | ops in the hot loop |\n"
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for file in sorted({r["file"] for r in before["cuda"] + after["cuda"]}):

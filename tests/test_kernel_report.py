@@ -54,6 +54,11 @@ def test_cuda_elements_from_names():
     assert kernel_report._cuda_elements("q_sample_channels_last<float>", "") == (1, False)
     assert kernel_report._cuda_elements("q_sample_channels_last<float>", '#include "ddpm_fast/channels_last.h"') == \
         (4, False)
-    assert kernel_report._cuda_elements("gn_stats<float, true, 4>", "") == (4, False)
+    # GroupNorm walks: counted from the unrolled loop's data accesses.
+    count, whole = kernel_report._cuda_elements("gn_stats<float, true, 4>", "")
+    assert count({"LDG.128": 2, "LDG.32": 5}) == 8 and not whole
+    assert kernel_report._cuda_elements("gn_norm<Half, false, 1>", "")[0]({"STG.U16": 4, "STG.32": 1}) == 4
+    assert kernel_report._cuda_elements("gnb_sums<BFloat16, true, 8>", "")[0]({"LDG.128": 4}) == 16
+    assert kernel_report._cuda_elements("gn_stats<float, false, 1>", "") == (None, False)
     assert kernel_report._cuda_elements("gn_onchip<BFloat16, false, 8>", "") == (16, True)
     assert kernel_report._cuda_elements("flash_fwd<Fp16, 64>", "") == (None, False)

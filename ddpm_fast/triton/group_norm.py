@@ -164,10 +164,12 @@ def _gn_norm(x_ptr, y_ptr, w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, mean_
         _finish(y_ptr, d, a, k, offs, mask, SILU)
 
 
-def _num_warps(tile: int) -> int:
-    # About 8 values a thread (Triton's layer-norm heuristic), up to 16 warps: 4 warps on a 2048-value
-    # tile, and 8 on the backward's 4096, spill under triton 3.6 (ddpm_fast.triton.compile_gate).
-    return min(max(tile // 256, 1), 16)
+def _num_warps(tile: int, most: int = 8) -> int:
+    # About 8 values a thread (Triton's layer-norm heuristic), up to `most` warps: 4 warps on a 2048-value
+    # tile spill under triton 3.6 (ddpm_fast.triton.compile_gate).  Beyond 8 warps the block reductions
+    # cost more than the registers save, but for the backward's on-chip tile (x and dy, 4096 values),
+    # which spills with 8.
+    return min(max(tile // 256, 1), most)
 
 
 def _programs_wanted(device: torch.device) -> int:
@@ -381,7 +383,8 @@ def group_norm_backward(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, r
         split = 1 if fits and B * G >= _programs_wanted(x.device) else max(1, _programs_wanted(x.device) // (B * G))
     if split == 1 and fits:
         _gnb_onchip[(B * G,)](dy, x, dx, sums, mean, rstd, *ptrs, B, G, C, HW, CG, stride_c, stride_hw, count,
-                              BLOCK_HW=onchip_hw, BLOCK_C=BLOCK_C, num_warps=_num_warps(onchip_hw * BLOCK_C), **flags)
+                              BLOCK_HW=onchip_hw, BLOCK_C=BLOCK_C, num_warps=_num_warps(onchip_hw * BLOCK_C, 16),
+                              **flags)
         return dx, sums
     BLOCK_HW = max(1, min(triton.next_power_of_2(HW), 1024 // BLOCK_C))
     S, chunk = _split_geometry(HW, BLOCK_HW, split)
