@@ -46,41 +46,43 @@ _WIDTH = {1: "U8", 2: "U16", 4: "32", 8: "64", 16: "128"}  # LDG/STG suffix by a
 
 
 def _cuda_elements(name: str, source: str) -> tuple:
-    """(elements per hot-loop pass, whether the whole kernel is the pass) of a CUDA kernel, from its
-    demangled name and its file's source.  The elements may be a function of the hot loop's op counts."""
+    """(elements per hot-loop pass, whether the whole kernel is the pass, the data access that marks the
+    hot loop) of a CUDA kernel, from its demangled name and its file's source.  The elements may be a
+    function of the hot loop's op counts."""
     m = re.search(r"<(float|Half|BFloat16)", name)
     size = _SIZE[m.group(1)] if m else 4
     vector = re.search(r", (\d+)>$", name)  # the GroupNorm kernels' V: values per access
-    for pattern, elements, whole in CUDA_ELEMENTS:
+    v = int(vector.group(1)) if vector else 1
+    for pattern, elements, whole, kind in CUDA_ELEMENTS:
         if re.search(pattern, name):
-            return elements(size, int(vector.group(1)) if vector else 1, source), whole
-    return None, False
+            return elements(size, v, source), whole, f"{kind}.{_WIDTH[v * size]}" if kind else None
+    return None, False, None
 
 
 def _accesses(kind: str, size: int, v: int, per_element: int = 1):
     """Elements per pass counted from the loop's data accesses: the compiler unrolls the GroupNorm walks
     (4 values a pass at V = 1, not 1), so V values per LDG or STG of V * size bytes, over the data
     tensors each value takes (per_element).  None where a float32 scalar access can't be told from
-    the fp32 per-channel parameters' loads."""
-    if kind == "LDG" and v * size == 4:
+    fp32 per-channel parameters and partial sums."""
+    if v * size == 4:
         return None
     return lambda ops: v * ops.get(f"{kind}.{_WIDTH[v * size]}", 0) / per_element or None
 
 
-CUDA_ELEMENTS = [
+CUDA_ELEMENTS = [  # (name pattern, elements per pass, whole kernel, the access marking the hot loop)
     # A thread's 16 bytes per pass (one or two Philox groups).
-    (r"^(p_step|q_sample)_contiguous", lambda size, v, src: 16 // size, False),
+    (r"^(p_step|q_sample)_contiguous", lambda size, v, src: 16 // size, False, None),
     # channels_last: a Philox group's (up to) 4 elements per item since channels_last.h, one before.
-    (r"^(p_step|q_sample)_channels_last", lambda size, v, src: 4 if "channels_last.h" in src else 1, False),
-    (r"^philox_randn_kernel", lambda size, v, src: 4, False),
+    (r"^(p_step|q_sample)_channels_last", lambda size, v, src: 4 if "channels_last.h" in src else 1, False, None),
+    (r"^philox_randn_kernel", lambda size, v, src: 4, False, None),
     # A thread's Philox group (4 elements) at one window position per pass.
-    (r"^picard_kernel", lambda size, v, src: 4, False),
+    (r"^picard_kernel", lambda size, v, src: 4, False, None),
     # The on-chip GroupNorm caches kCache = 16 values a thread, loops unrolled: the whole kernel.
-    (r"^gn_onchip", lambda size, v, src: 16, True),
+    (r"^gn_onchip", lambda size, v, src: 16, True, None),
     # The GroupNorm walks: the values they store (y, dx), or load (x; x and dy in gnb_sums).
-    (r"^(gn_norm|gn_rows_norm|gnb_dx)\b", lambda size, v, src: _accesses("STG", size, v), False),
-    (r"^(gn_stats|gn_rows_stats)\b", lambda size, v, src: _accesses("LDG", size, v), False),
-    (r"^gnb_sums\b", lambda size, v, src: _accesses("LDG", size, v, 2), False),
+    (r"^(gn_norm|gn_rows_norm|gnb_dx)\b", lambda size, v, src: _accesses("STG", size, v), False, "STG"),
+    (r"^(gn_stats|gn_rows_stats)\b", lambda size, v, src: _accesses("LDG", size, v), False, "LDG"),
+    (r"^gnb_sums\b", lambda size, v, src: _accesses("LDG", size, v, 2), False, "LDG"),
 ]
 
 TRITON_ELEMENTS = {
@@ -157,9 +159,20 @@ def parse_sass(text: str) -> Dict[str, List[tuple]]:
     return functions
 
 
-def sass_stats(insns: List[tuple], elements, whole: bool = False) -> dict:
+def _access(opcode: str) -> Optional[str]:
+    """LDG.E.128 -> LDG.128, STG.E.U16 -> STG.U16, LDG.E -> LDG.32; None for other opcodes."""
+    base = opcode.split(".")[0]
+    if base not in ("LDG", "STG"):
+        return None
+    width = re.search(r"\.(128|64|U16|S16|U8|16|32)\b", opcode)
+    return f"{base}.{width.group(1) if width else '32'}"
+
+
+def sass_stats(insns: List[tuple], elements, whole: bool = False, access: Optional[str] = None) -> dict:
     """Static counts for one function (see the module docstring); elements: per pass, or a function
-    of the hot loop's op counts that gives them; whole: count the whole kernel."""
+    of the hot loop's op counts that gives them; whole: count the whole kernel; access: the hot loop
+    is one that makes this global access (e.g. STG.128: a walk over the data, not a wider loop that
+    gathers partial sums before it)."""
     insns = [i for i in insns if i[1] != "NOP"]
     index_of = {lab: k for k, ins in enumerate(insns) for lab in ins[3]}
     # Subroutines: CALL.REL targets inside the function, from the label to the next RET.
@@ -179,6 +192,15 @@ def sass_stats(insns: List[tuple], elements, whole: bool = False) -> dict:
             loops.append((index_of[target.group(1)], k))
     # The hot loop: the widest backward branch (the grid-stride loop holds the others), unless it is a
     # small loop on a side path (the range reduction of sinf/cosf for huge arguments).
+    def accesses(lo):
+        return sum(_access(i[1]) == access for i in insns[lo[0]:lo[1] + 1])
+
+    marked = [lo for lo in loops if access and accesses(lo)]
+    if marked:
+        # The innermost loops that make the access (not one around them that also reloads per-channel
+        # coefficients), and of those the one making the most (an unrolled body, not its remainder).
+        inner = [lo for lo in marked if not any(o != lo and lo[0] <= o[0] and o[1] <= lo[1] for o in marked)]
+        loops = [max(inner, key=lambda lo: (accesses(lo), lo[1] - lo[0]))]
     hot = max(loops, key=lambda lo: lo[1] - lo[0], default=None)
     if hot and (whole or hot[1] - hot[0] + 1 < HOT_FRACTION * len(insns)):
         hot = None
@@ -195,8 +217,7 @@ def sass_stats(insns: List[tuple], elements, whole: bool = False) -> dict:
         if base in COUNTED:
             ops[base] = ops.get(base, 0) + 1
         if base in ("LDG", "STG"):
-            width = re.search(r"\.(128|64|U16|S16|U8|16|32)\b", opcode)
-            key = f"{base}.{width.group(1) if width else '32'}"
+            key = _access(opcode)
             ops[key] = ops.get(key, 0) + 1
     if callable(elements):
         elements = elements(ops)

@@ -50,15 +50,38 @@ def test_whole_kernel_when_asked():
 
 
 def test_cuda_elements_from_names():
-    assert kernel_report._cuda_elements("p_step_contiguous<Half, true>", "") == (8, False)
-    assert kernel_report._cuda_elements("q_sample_channels_last<float>", "") == (1, False)
+    assert kernel_report._cuda_elements("p_step_contiguous<Half, true>", "") == (8, False, None)
+    assert kernel_report._cuda_elements("q_sample_channels_last<float>", "") == (1, False, None)
     assert kernel_report._cuda_elements("q_sample_channels_last<float>", '#include "ddpm_fast/channels_last.h"') == \
-        (4, False)
+        (4, False, None)
     # GroupNorm walks: counted from the unrolled loop's data accesses.
-    count, whole = kernel_report._cuda_elements("gn_stats<float, true, 4>", "")
-    assert count({"LDG.128": 2, "LDG.32": 5}) == 8 and not whole
+    count, whole, access = kernel_report._cuda_elements("gn_stats<float, true, 4>", "")
+    assert count({"LDG.128": 2, "LDG.32": 5}) == 8 and not whole and access == "LDG.128"
     assert kernel_report._cuda_elements("gn_norm<Half, false, 1>", "")[0]({"STG.U16": 4, "STG.32": 1}) == 4
     assert kernel_report._cuda_elements("gnb_sums<BFloat16, true, 8>", "")[0]({"LDG.128": 4}) == 16
-    assert kernel_report._cuda_elements("gn_stats<float, false, 1>", "") == (None, False)
-    assert kernel_report._cuda_elements("gn_onchip<BFloat16, false, 8>", "") == (16, True)
-    assert kernel_report._cuda_elements("flash_fwd<Fp16, 64>", "") == (None, False)
+    assert kernel_report._cuda_elements("gn_stats<float, false, 1>", "") == (None, False, "LDG.32")
+    assert kernel_report._cuda_elements("gn_onchip<BFloat16, false, 8>", "") == (16, True, None)
+    assert kernel_report._cuda_elements("flash_fwd<Fp16, 64>", "") == (None, False, None)
+
+
+def test_hot_loop_marked_by_its_data_access():
+    """A wider loop of fp32 partial-sum loads before the walk: the walk, which stores 16 bytes, is hot."""
+    listing = """
+//--------------------- .text._Z4walkPf --------------------------
+_Z4walkPf:
+.L_x_1:
+        /*0000*/                   LDG.E R4, desc[UR4][R2.64] ;
+        /*0010*/                   LDG.E R5, desc[UR4][R2.64+0x4] ;
+        /*0020*/                   LDG.E R6, desc[UR4][R2.64+0x8] ;
+        /*0030*/                   FADD R7, R4, R5 ;
+        /*0040*/               @P0 BRA `(.L_x_1) ;
+.L_x_2:
+        /*0050*/                   LDG.E.128 R8, desc[UR4][R2.64] ;
+        /*0060*/                   STG.E.128 desc[UR4][R2.64], R8 ;
+        /*0070*/               @P0 BRA `(.L_x_2) ;
+        /*0080*/                   EXIT ;
+"""
+    insns = kernel_report.parse_sass(listing)["_Z4walkPf"]
+    assert kernel_report.sass_stats(insns, None)["hot_instructions"] == 5
+    walk = kernel_report.sass_stats(insns, lambda ops: 4 * ops["STG.128"], access="STG.128")
+    assert walk["hot_instructions"] == 3 and walk["per_element"] == 0.8
