@@ -202,7 +202,7 @@ def sass_stats(insns: List[tuple], elements, whole: bool = False, access: Option
         inner = [lo for lo in marked if not any(o != lo and lo[0] <= o[0] and o[1] <= lo[1] for o in marked)]
         loops = [max(inner, key=lambda lo: (accesses(lo), lo[1] - lo[0]))]
     hot = max(loops, key=lambda lo: lo[1] - lo[0], default=None)
-    if hot and (whole or hot[1] - hot[0] + 1 < HOT_FRACTION * len(insns)):
+    if hot and (whole or (not marked and hot[1] - hot[0] + 1 < HOT_FRACTION * len(insns))):
         hot = None
     body = insns[hot[0]:hot[1] + 1] if hot else [i for i in insns if not i[1].startswith("RET")]
     if not hot:  # a loop-free kernel: drop the subroutines after its last EXIT and the trailing BRA
