@@ -61,7 +61,8 @@ def _channel_add(add_ptr, b, g, cl, C, CG, pa, HAS_ADD: tl.constexpr):
 def _load_tile(x_ptr, b, g, hw, cl, HW, C, CG, stride_c, stride_hw, px, add):
     """Centred values d = (x - px) + (add - pa) of a [BLOCK_HW, BLOCK_C] tile, 0 outside the group."""
     mask = (hw[:, None] < HW) & (cl[None, :] < CG)
-    offs = b.to(tl.int64) * C * HW + (g * CG + cl)[None, :].to(tl.int64) * stride_c + hw[:, None].to(tl.int64) * stride_hw
+    offs = (b.to(tl.int64) * C * HW + (g * CG + cl)[None, :].to(tl.int64) * stride_c
+            + hw[:, None].to(tl.int64) * stride_hw)
     d = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - px + add[None, :]
     return tl.where(mask, d, 0.0), offs, mask
 
@@ -270,6 +271,18 @@ def _gnb_tile(x_ptr, dy_ptr, b, g, hw, cl, HW, C, CG, stride_c, stride_hw, px, c
 
 
 @triton.jit
+def _gnb_group(x_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, b, g, bg, cl, C, HW, CG,
+               stride_c, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SCALE: tl.constexpr,
+               HAS_SHIFT: tl.constexpr):
+    """What every backward program of group (b, g) needs first: the pivot x, rstd, each channel's centre
+    and its W, Bc."""
+    px, pa = _pivot(x_ptr, add_ptr, b, g, C, HW, CG, stride_c, HAS_ADD)
+    add, W, Bc = _gnb_channels(w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, b, g * CG + cl, cl < CG, C, HAS_W,
+                               HAS_B, HAS_ADD, HAS_SCALE, HAS_SHIFT)
+    return px, tl.load(rstd_ptr + bg), (add - pa) - tl.load(mean_ptr + bg), W, Bc
+
+
+@triton.jit
 def _gnb_onchip(dy_ptr, x_ptr, dx_ptr, sums_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr,
                 B, G, C, HW, CG, stride_c, stride_hw, count, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                 HAS_ADD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
@@ -279,11 +292,9 @@ def _gnb_onchip(dy_ptr, x_ptr, dx_ptr, sums_ptr, mean_ptr, rstd_ptr, w_ptr, bias
     cl = tl.arange(0, BLOCK_C)
     c = g * CG + cl
     cmask = cl < CG
-    px, pa = _pivot(x_ptr, add_ptr, b, g, C, HW, CG, stride_c, HAS_ADD)
-    rstd = tl.load(rstd_ptr + bg)
-    add, W, Bc = _gnb_channels(w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, b, c, cmask, C, HAS_W, HAS_B, HAS_ADD,
-                               HAS_SCALE, HAS_SHIFT)
-    centre = (add - pa) - tl.load(mean_ptr + bg)
+    px, rstd, centre, W, Bc = _gnb_group(x_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr,
+                                         b, g, bg, cl, C, HW, CG, stride_c, HAS_W, HAS_B, HAS_ADD, HAS_SCALE,
+                                         HAS_SHIFT)
     xh, gz, offs, mask = _gnb_tile(x_ptr, dy_ptr, b, g, tl.arange(0, BLOCK_HW), cl, HW, C, CG, stride_c, stride_hw,
                                    px, centre, rstd, W, Bc, SILU)
     s1 = tl.sum(gz, 0)
@@ -306,12 +317,9 @@ def _gnb_sums(dy_ptr, x_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, add_
     s = tl.program_id(1)
     b, g = bg // G, bg % G
     cl = tl.arange(0, BLOCK_C)
-    c = g * CG + cl
-    px, pa = _pivot(x_ptr, add_ptr, b, g, C, HW, CG, stride_c, HAS_ADD)
-    rstd = tl.load(rstd_ptr + bg)
-    add, W, Bc = _gnb_channels(w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, b, c, cl < CG, C, HAS_W, HAS_B,
-                               HAS_ADD, HAS_SCALE, HAS_SHIFT)
-    centre = (add - pa) - tl.load(mean_ptr + bg)
+    px, rstd, centre, W, Bc = _gnb_group(x_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr,
+                                         b, g, bg, cl, C, HW, CG, stride_c, HAS_W, HAS_B, HAS_ADD, HAS_SCALE,
+                                         HAS_SHIFT)
     acc1 = tl.zeros((BLOCK_HW, BLOCK_C), tl.float32)
     acc2 = tl.zeros((BLOCK_HW, BLOCK_C), tl.float32)
     acc3 = tl.zeros((BLOCK_HW, BLOCK_C), tl.float32)
@@ -339,11 +347,9 @@ def _gnb_dx(dy_ptr, x_ptr, dx_ptr, sums_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr
     cl = tl.arange(0, BLOCK_C)
     c = g * CG + cl
     cmask = cl < CG
-    px, pa = _pivot(x_ptr, add_ptr, b, g, C, HW, CG, stride_c, HAS_ADD)
-    rstd = tl.load(rstd_ptr + bg)
-    add, W, Bc = _gnb_channels(w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, b, c, cmask, C, HAS_W, HAS_B, HAS_ADD,
-                               HAS_SCALE, HAS_SHIFT)
-    centre = (add - pa) - tl.load(mean_ptr + bg)
+    px, rstd, centre, W, Bc = _gnb_group(x_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr,
+                                         b, g, bg, cl, C, HW, CG, stride_c, HAS_W, HAS_B, HAS_ADD, HAS_SCALE,
+                                         HAS_SHIFT)
     k = tl.arange(0, BLOCK_S)
     rows = part_ptr + (bg * S + k[:, None]) * 3 * BLOCK_C + cl[None, :]
     pmask = (k[:, None] < S) & cmask[None, :]
