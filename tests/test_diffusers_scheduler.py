@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from conftest import rel_err
+from conftest import rel_err, requires_cuda
 
 diffusers = pytest.importorskip("diffusers")
 from ddpm_fast.diffusers import FastDDPMScheduler  # noqa: E402
@@ -35,7 +35,7 @@ def float64_truth(fast, cfg, x, out, t, noise):
                                sample_max_value=c.sample_max_value)
 
 
-def run_both(cfg, spacing, gen_seed, shape=(2, 3, 6, 6)):
+def run_both(cfg, spacing, gen_seed, shape=(2, 3, 6, 6), device="cpu"):
     ref, fast = diffusers.DDPMScheduler(**cfg), FastDDPMScheduler(**cfg)
     for s in (ref, fast):
         if spacing is None:
@@ -46,20 +46,22 @@ def run_both(cfg, spacing, gen_seed, shape=(2, 3, 6, 6)):
             s.register_to_config(timestep_spacing=spacing[0])
             s.set_timesteps(spacing[1])
     g = torch.Generator().manual_seed(gen_seed)
-    x = torch.randn(shape, generator=g)
+    x = torch.randn(shape, generator=g).to(device)
     C = shape[1]
     timesteps = ref.timesteps if spacing is not None else torch.tensor([999, 998, 500, 3, 1, 0])
     xr, xf = x.clone(), x.clone()
     gr, gf = torch.Generator().manual_seed(gen_seed + 1), torch.Generator().manual_seed(gen_seed + 1)
     for t in timesteps:
-        out = torch.randn(shape[0], 2 * C if cfg["variance_type"] == "learned_range" else C, *shape[2:], generator=g)
+        out = torch.randn(shape[0], 2 * C if cfg["variance_type"] == "learned_range" else C, *shape[2:],
+                          generator=g).to(device)
         noise = torch.randn(shape, generator=torch.Generator().set_state(gr.get_state()))  # what both will draw
         a = ref.step(out, t, xr, generator=gr)
         b = fast.step(out, t, xf, generator=gf)
-        truth = float64_truth(fast, cfg, xr, out, int(t), noise)
+        assert b.prev_sample.device == xf.device
+        truth = float64_truth(fast, cfg, xr.cpu(), out.cpu(), int(t), noise)
         if truth is not None:
             # fp32 rounding of the float64 step on diffusers' own float32 tables
-            err_fast, err_ref = rel_err(b.prev_sample, truth), rel_err(a.prev_sample, truth)
+            err_fast, err_ref = rel_err(b.prev_sample.cpu(), truth), rel_err(a.prev_sample.cpu(), truth)
             assert err_fast < 1e-6 and err_fast <= 2 * err_ref + 1e-7, (int(t), err_fast, err_ref)
         assert rel_err(b.prev_sample, a.prev_sample) < 1e-6, int(t)
         assert rel_err(b.pred_original_sample, a.pred_original_sample) < 1e-6, int(t)
@@ -76,6 +78,37 @@ def test_step_matches_ddpm_scheduler(cfg):
 @pytest.mark.parametrize("variance", ["fixed_small", "learned_range"])
 def test_step_matches_with_spacing(spacing, variance):
     run_both(dict(variance_type=variance), spacing, 1)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("cfg", CONFIGS[::5], ids=lambda c: "-".join(str(v) for v in c.values()))
+@pytest.mark.parametrize("spacing", SPACINGS[:2], ids=["all", "leading"])
+def test_cuda_step_matches_ddpm_scheduler(cfg, spacing):
+    """On the GPU, where the step is the CUDA kernel (or Triton's): diffusers' generator draws on the
+    host, as DDPMPipeline's do, so both schedulers add the same noise."""
+    run_both(cfg, spacing, 2, shape=(3, 3, 7, 5), device="cuda")
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("generator", ["philox", "cuda generator"])
+def test_cuda_step_makes_no_host_sync(generator):
+    """Every step of a 50-step loop under torch.cuda.set_sync_debug_mode("error"), which raises at any
+    implicit sync; the first step, which builds the tables and copies them over, runs before it."""
+    fast = FastDDPMScheduler()
+    fast.set_timesteps(50)  # on the host, as DDPMPipeline sets them
+    x = torch.randn(4, 3, 8, 8, device="cuda")
+    out = torch.randn_like(x)
+    g = torch.Generator("cuda").manual_seed(3) if generator == "cuda generator" else None
+    fast.step(out, fast.timesteps[0], x, generator=g)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for t in fast.timesteps:
+            x = fast.step(out, t, x, generator=g).prev_sample
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert x.is_cuda and torch.isfinite(x).all()
 
 
 def toy_model(x, t, variance):
@@ -199,6 +232,31 @@ def test_ddpm_pipeline_runs_unchanged():
     ref_pipe = diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler())
     fast_pipe = diffusers.DDPMPipeline(unet=unet, scheduler=FastDDPMScheduler.from_config(ref_pipe.scheduler.config))
     kw = dict(batch_size=2, num_inference_steps=20, output_type="np")
+    a = ref_pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    b = fast_pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    assert abs(a - b).max() < 1e-5
+    import ddpm_fast as df
+
+    df.accelerate(fast_pipe.unet)
+    c = fast_pipe(generator=torch.Generator().manual_seed(0), **kw).images
+    assert abs(a - c).max() < 1e-3
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_ddpm_pipeline_runs_unchanged(monkeypatch):
+    """DDPMPipeline on the GPU with FastDDPMScheduler, then with accelerate()'s kernels in the UNet, against
+    DDPMScheduler: one host generator draws the same noise for all three.  Convolutions in full fp32, as
+    TF32 would turn the schedulers' last-ulp differences into 1e-3 ones."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    unet = diffusers.UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(32, 64), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+                                 attention_head_dim=None).cuda().eval()
+    ref_pipe = diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler())
+    fast_pipe = diffusers.DDPMPipeline(unet=unet, scheduler=FastDDPMScheduler.from_config(ref_pipe.scheduler.config))
+    kw = dict(batch_size=3, num_inference_steps=25, output_type="np")
     a = ref_pipe(generator=torch.Generator().manual_seed(0), **kw).images
     b = fast_pipe(generator=torch.Generator().manual_seed(0), **kw).images
     assert abs(a - b).max() < 1e-5

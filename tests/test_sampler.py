@@ -102,14 +102,67 @@ def test_to_uint8():
     assert u.flatten().tolist() == [0, 128, 255, 255]
 
 
+@pytest.fixture
+def full_fp32(monkeypatch):
+    """cuDNN and cuBLAS in full fp32.  TF32 rounds a convolution's inputs to 10 bits, so two runs whose
+    samples differ by an ulp can differ by 1e-3 after one U-Net call: the model's rounding, not the sampler's."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
 @requires_cuda
 @pytest.mark.cuda
-def test_cuda_graphs_change_nothing(gen):
+@pytest.mark.parametrize("batch_size", [4, 3])
+def test_cuda_graphs_change_nothing(gen, batch_size):
+    """Bit for bit: a replayed step launches the eager step's kernels on the eager step's shapes."""
     net = tiny_net(gen).cuda()
     s = df.NoiseSchedule.linear(40)
-    with_graphs = df.DDPMSampler(net, s, cuda_graphs=True).sample(6, seed=2, batch_size=4)
-    without = df.DDPMSampler(net, s, cuda_graphs=False).sample(6, seed=2, batch_size=3)
+    with_graphs = df.DDPMSampler(net, s, cuda_graphs=True).sample(6, seed=2, batch_size=batch_size)
+    without = df.DDPMSampler(net, s, cuda_graphs=False).sample(6, seed=2, batch_size=batch_size)
     assert torch.equal(with_graphs, without)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
+def test_cuda_images_independent_of_batch_size(gen, graphs, full_fp32):
+    """Batches of 256, 64 and 7 (and its tail of 4): bit for bit where the model is elementwise, since
+    everything the sampler runs is batch-invariant; through the U-Net, whose convolutions may take
+    another algorithm at another batch size, within fp32 rounding."""
+    s = df.NoiseSchedule.linear(30)
+    sampler = df.DDPMSampler(elementwise_model, s, cuda_graphs=graphs, device="cuda")
+    runs = [sampler.sample(256, seed=9, batch_size=bs, sample_shape=(3, 5, 5)) for bs in (256, 64, 7)]
+    assert torch.equal(runs[1], runs[0]) and torch.equal(runs[2], runs[0])
+    sampler = df.DDPMSampler(tiny_net(gen).cuda(), s, cuda_graphs=graphs)
+    runs = [sampler.sample(256, seed=9, batch_size=bs) for bs in (256, 64, 7)]
+    assert (runs[1] - runs[0]).abs().max() < 1e-4 and (runs[2] - runs[0]).abs().max() < 1e-4
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
+def test_cuda_sampling_loop_makes_no_host_sync(gen, graphs):
+    """The loop over steps, once its set-up is done (tables on the device, the capture, lazy CUDA and
+    Triton state), under torch.cuda.set_sync_debug_mode("error"), which raises at any implicit sync:
+    .item(), a blocking copy, nonzero.  Copying the images to the host after the loop is the one sync."""
+    sampler = df.DDPMSampler(tiny_net(gen).cuda(), df.NoiseSchedule.linear(20), cuda_graphs=graphs)
+    sched, ts = sampler._plan(None)
+    tables, t_model = sched.to("cuda"), torch.tensor(ts, device="cuda")
+    x = df.philox_randn((5, 1, 8, 8), 4, device="cuda")
+    captured = {}
+
+    def loop():
+        if graphs:
+            return sampler._run_graphed(x, tables, t_model, 4, 0, None, captured)
+        return sampler._run_eager(x, tables, t_model, 4, 0, None)
+
+    first = loop()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        again = loop()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(again, first)
 
 
 @requires_cuda
