@@ -36,6 +36,9 @@
 # the WHEELS install) is ok, 1 otherwise, 2 for bad arguments.
 # --dry-run: prints the commands each selected stage would run, writes a placeholder log per stage,
 # and really runs pack; it runs no pip, pytest, sanitizer or benchmark and needs no GPU (CI runs it).
+# BENCH_ONLY: passed to the bench stages as --only (comma-separated suites), to split the full record
+# over calls that each fit, e.g. BENCH_ONLY=e2e,train in one and the other suites in another; read
+# them together with python -m ddpm_fast.bench.targets A.json B.json.
 # Other settings: PYTHON (default python3), MAX_JOBS, TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX",
 # the CI build; "9.0" compiles one target instead of three), CUDA_HOME.
 #
@@ -401,7 +404,7 @@ stage_bench() {  # stage_bench NAME CAP [--quick]
   if ! chk "$log" "the CUDA extension is built and a GPU is visible" check_cuda_ready; then
     fail "$CHECK_MSG"; end "$log"; return
   fi
-  cmd "$log" "$cap" "$PY" -m ddpm_fast bench "$@" --device cuda --out "$OUT"
+  cmd "$log" "$cap" "$PY" -m ddpm_fast bench "$@" ${BENCH_ONLY:+--only "$BENCH_ONLY"} --device cuda --out "$OUT"
   rc=$?
   case $rc in
     0) ;;

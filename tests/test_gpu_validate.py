@@ -100,8 +100,13 @@ def test_dry_run_selected_stages_relative_out_from_another_directory(tmp_path):
     packed = members(out / "gpu-results.tar.gz")
     assert {"build.log", "bench-quick.log", "gpu_env.txt", "summary.txt"} <= packed
     assert not {"tests.log", "memcheck.log", "bench.log"} & packed
-    assert " --quick " in next(line for line in r.stdout.splitlines() if " -m ddpm_fast bench" in line)
+    bench = next(line for line in r.stdout.splitlines() if " -m ddpm_fast bench" in line)
+    assert " --quick " in bench and " --only " not in bench
     assert " -m pytest " not in r.stdout
+    r = run(["--dry-run", "--stage", "bench", "split"], cwd=cwd, BENCH_ONLY="e2e,train")
+    assert r.returncode == 0, r.stdout + r.stderr
+    bench = next(line for line in r.stdout.splitlines() if " -m ddpm_fast bench" in line)
+    assert re.search(r" --only e2e\\?,train ", bench)  # printf %q may escape the comma
 
 
 def test_pack_only_packs_what_is_there_and_not_its_own_tarball(tmp_path):
