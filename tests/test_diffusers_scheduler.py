@@ -255,7 +255,8 @@ def test_cuda_ddpm_pipeline_runs_unchanged(monkeypatch):
                                  up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
                                  attention_head_dim=None).cuda().eval()
     ref_pipe = diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler())
-    fast_pipe = diffusers.DDPMPipeline(unet=unet, scheduler=FastDDPMScheduler.from_config(ref_pipe.scheduler.config))
+    fast_pipe = diffusers.DDPMPipeline(unet=unet,
+                                       scheduler=FastDDPMScheduler.from_config(ref_pipe.scheduler.config))
     kw = dict(batch_size=3, num_inference_steps=25, output_type="np")
     a = ref_pipe(generator=torch.Generator().manual_seed(0), **kw).images
     b = fast_pipe(generator=torch.Generator().manual_seed(0), **kw).images

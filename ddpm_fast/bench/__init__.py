@@ -8,12 +8,12 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-from . import attention, diffusion, e2e, group_norm, harness, train
+from . import attention, backends, diffusion, e2e, group_norm, harness, train
 from .harness import Row, failure, finish_rows, measure_floors, metadata, time_fn, write_json, write_results
 
 SUITES = {"q_sample": diffusion.cases, "p_step": diffusion.cases, "group_norm": group_norm.cases,
-          "group_norm_train": group_norm.train_cases, "attention": attention.cases, "e2e": e2e.cases,
-          "train": train.cases}
+          "group_norm_train": group_norm.train_cases, "attention": attention.cases, "backends": backends.cases,
+          "e2e": e2e.cases, "train": train.cases}
 
 
 DEFAULT_OUT = "bench-results"

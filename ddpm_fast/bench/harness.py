@@ -299,6 +299,9 @@ def markdown(rows: List[Row], floors: Dict[str, float], meta: Dict[str, object])
             vs = ", ".join(f"{v:.2f}x" for v in r.vs.values())
             lines.append(f"{name} {r.median_ms:.1f} | {r.rounds_per_image:.1f} | {r.evals_per_image:.0f} | "
                          f"{r.max_err_vs_sequential:.2e} | {vs} |")
+    from . import targets  # it reads the suites' shapes, and they import this module
+
+    lines += targets.markdown([asdict(r) for r in rows], on_gpu=str(meta["device"]).startswith("cuda"))
     return "\n".join(lines) + "\n"
 
 
