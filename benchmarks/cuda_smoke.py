@@ -47,8 +47,9 @@ def main() -> int:
                 print(f"p_step/q_sample {dtype} {tuple(shape)} {fmt}: rel err {err:.1e} / {qerr:.1e} "
                       f"{'ok' if ok else 'FAIL'}")
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        # on-chip, split-reduction and (channels_last, 3 channels a group: narrower than a sector) rows paths
-        for shape, groups in (((17, 64, 5, 7), 32), ((1, 64, 33, 31), 8), ((2, 96, 9, 11), 32)):
+        # on-chip, split-reduction and (channels_last, 3 channels a group: narrower than a sector) rows paths,
+        # and 4096 channels a group: the backward's largest [3][CG] shared table (48 KiB, no opt-in)
+        for shape, groups in (((17, 64, 5, 7), 32), ((1, 64, 33, 31), 8), ((2, 96, 9, 11), 32), ((1, 4096, 2, 3), 1)):
             for fmt in (torch.contiguous_format, torch.channels_last):
                 B, C = shape[:2]
                 x = torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=fmt)
@@ -68,6 +69,20 @@ def main() -> int:
                 failures += not ok
                 print(f"group_norm fwd/bwd {dtype} {tuple(shape)} G={groups} {fmt}: rel err {err:.1e} / {gerr:.1e} "
                       f"{'ok' if ok else 'FAIL'}")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        # windows [A, P + 1, C, H, W]: odd sizes, one window running past t = 0 (negative t: no step)
+        x = torch.randn(3, 5, 3, 5, 7, device="cuda").to(dtype)
+        out = torch.randn(3, 4, 6, 5, 7, device="cuda").to(dtype)
+        tw = torch.tensor([[900], [2], [40]], device="cuda") - torch.arange(4, device="cuda")
+        sample = torch.tensor([7, 0, 12], device="cuda")
+        y, perr = df.picard_step(x, out, tw, s, sample, 5, variance="learned_range", backend="cuda")
+        ry, rerr = df.reference.picard_step(x.double().cpu(), out.double().cpu(), tw.cpu(), s, sample.cpu(), 5,
+                                            variance="learned_range")
+        err = ((y.double().cpu() - ry).norm() / ry.norm()).item()
+        eerr = ((perr.double().cpu() - rerr).norm() / rerr.norm()).item()
+        ok = max(err, eerr) < (4e-5 if dtype == torch.float32 else 1e-2)  # the scan adds P = 4 steps' rounding
+        failures += not ok
+        print(f"picard_step {dtype}: rel err {err:.1e} / {eerr:.1e} {'ok' if ok else 'FAIL'}")
     for dtype in (torch.float16, torch.bfloat16):
         for (Lq, Lk, d) in ((70, 45, 33), (64, 64, 64), (17, 100, 256), (5, 1, 128)):  # tails, odd d, every D
             q = torch.randn(2, 3, Lq, d, device="cuda")
