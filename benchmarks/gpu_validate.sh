@@ -16,12 +16,15 @@
 #   sanitize     compute-sanitizer memcheck, then racecheck, over benchmarks/cuda_smoke.py with
 #                PYTORCH_NO_CUDA_MEMORY_CACHING=1: behind the caching allocator memcheck cannot see a
 #                read past a tensor's end that stays inside a cached block (OUT/memcheck.log, OUT/racecheck.log)
+#   profile      Nsight Compute (ncu --clock-control none) over one call of each fused kernel, CUDA and
+#                Triton, at the benchmarks' shapes: benchmarks/profile_kernels.py, its CSVs and a table
+#                of every launch's key figures in OUT/profile/ncu-summary.md (OUT/profile.log)
 #   bench-quick  python -m ddpm_fast bench --quick --device cuda --out OUT, at most 5 min (OUT/bench-quick.log)
 #   bench        python -m ddpm_fast bench --device cuda --out OUT, the full record  (OUT/bench.log)
 #   pack         everything in OUT -> OUT/gpu-results.tar.gz; fails over 16 MiB
-#   all          build+tests, sanitize, bench, pack: the default; about 20 minutes, so it does not
+#   all          build+tests, sanitize, profile, bench, pack: the default; over 20 minutes, so it does not
 #                fit one 10-minute device call (run it with BUDGET_S=0 where time is not limited)
-# sanitize and bench* use the extension already built in this working tree (by build or build+tests,
+# sanitize, profile and bench* use the extension already built in this working tree (by build or build+tests,
 # in this call or an earlier one on the same machine) and fail at once if there is none.
 #
 # Every call (but --dry-run) first writes OUT/gpu_env.txt: GPU, driver, nvcc, torch and its CUDA,
@@ -45,7 +48,7 @@
 # A device machine keeps nothing between calls (it is given back 30 s after one), so every call that
 # needs the extension builds it.  Suggested calls, each writing to the call's $OUT:
 #   1. WHEELS=.whl bash benchmarks/gpu_validate.sh --stage build+tests --stage pack $OUT
-#   2. TORCH_CUDA_ARCH_LIST=9.0 bash benchmarks/gpu_validate.sh --stage build,sanitize,pack $OUT
+#   2. TORCH_CUDA_ARCH_LIST=9.0 bash benchmarks/gpu_validate.sh --stage build,sanitize,profile,pack $OUT
 #   3. WHEELS=.whl TORCH_CUDA_ARCH_LIST=9.0 bash benchmarks/gpu_validate.sh --stage build,bench,pack $OUT
 #      (bench-quick instead of bench if the full run does not fit after the build)
 # then: tar -xzf gpu-results.tar.gz; cat summary.txt
@@ -54,7 +57,7 @@ set -uo pipefail
 usage() { sed -n '3,/^set -uo pipefail/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 die() { echo "gpu_validate.sh: error: $*" >&2; exit 2; }
 
-ORDER=(build build+tests sanitize bench-quick bench pack)
+ORDER=(build build+tests sanitize profile bench-quick bench pack)
 declare -A WANT=()
 DRY_RUN=0
 OUT=
@@ -73,8 +76,8 @@ while [ $# -gt 0 ]; do
       [ ${#names[@]} -gt 0 ] || die "--stage needs a value (${ORDER[*]} all)"
       for s in "${names[@]}"; do
         case $s in
-          build|build+tests|sanitize|bench-quick|bench|pack) WANT[$s]=1 ;;
-          all) WANT[build+tests]=1; WANT[sanitize]=1; WANT[bench]=1; WANT[pack]=1 ;;
+          build|build+tests|sanitize|profile|bench-quick|bench|pack) WANT[$s]=1 ;;
+          all) WANT[build+tests]=1; WANT[sanitize]=1; WANT[profile]=1; WANT[bench]=1; WANT[pack]=1 ;;
           *) die "unknown stage '$s' (stages: ${ORDER[*]} all)" ;;
         esac
       done ;;
@@ -84,7 +87,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 [ -n "$OUT" ] || die "missing OUT_DIR (see --help)"
-[ ${#WANT[@]} -gt 0 ] || { WANT[build+tests]=1; WANT[sanitize]=1; WANT[bench]=1; WANT[pack]=1; }
+[ ${#WANT[@]} -gt 0 ] || { WANT[build+tests]=1; WANT[sanitize]=1; WANT[profile]=1; WANT[bench]=1; WANT[pack]=1; }
 [ -n "${WANT[build+tests]:-}" ] && unset 'WANT[build]'  # build+tests builds
 BUDGET_S=${BUDGET_S:-560}
 [[ $BUDGET_S =~ ^[0-9]+$ ]] || die "BUDGET_S must be a whole number of seconds, got '$BUDGET_S'"
@@ -396,6 +399,26 @@ stage_sanitize() {
   end "${logs[@]}"
 }
 
+stage_profile() {
+  begin profile
+  local log=$OUT/profile.log tool=ncu rc
+  : >"$log"
+  if ! chk "$log" "the CUDA extension is built and a GPU is visible" check_cuda_ready; then
+    fail "$CHECK_MSG"; end "$log"; return
+  fi
+  if [ "$DRY_RUN" = 0 ] && ! tool=$(find_tool ncu); then
+    fail "ncu not found (PATH, CUDA_HOME/bin, /usr/local/cuda/bin, nvidia wheels)"; end "$log"; return
+  fi
+  cmd "$log" 300 "$PY" benchmarks/profile_kernels.py --ncu "$tool" "$OUT/profile"
+  rc=$?
+  if [ "$DRY_RUN" = 0 ] && [ $rc -ne 0 ]; then
+    fail "rc $rc$([ $rc -eq 124 ] && echo ', timed out'): $(grep -c 'FAILED' "$log") cases failed"
+    grep -qE 'LibraryNotLoaded|ERR_NVGPUCTRPERM' "$OUT"/profile/*.log 2>/dev/null \
+      && note "ncu cannot read the hardware counters here (seen on gVisor machines; Firecracker ones work)"
+  fi
+  end "$log" "$OUT/profile/ncu-summary.md"
+}
+
 stage_bench() {  # stage_bench NAME CAP [--quick]
   local name=$1 cap=$2 log=$OUT/$1.log rc result; shift 2
   begin "$name"
@@ -454,6 +477,7 @@ fi
 [ -n "${WANT[build]:-}" ] && stage_build
 [ -n "${WANT[build+tests]:-}" ] && stage_build_tests
 [ -n "${WANT[sanitize]:-}" ] && stage_sanitize
+[ -n "${WANT[profile]:-}" ] && stage_profile
 [ -n "${WANT[bench-quick]:-}" ] && stage_bench bench-quick 300 --quick
 [ -n "${WANT[bench]:-}" ] && stage_bench bench 540
 [ -n "${WANT[pack]:-}" ] && stage_pack

@@ -39,7 +39,7 @@ def test_help():
     r = run(["--help"], cwd=SCRIPT.parent)
     assert r.returncode == 0, r.stderr
     assert "Usage:" in r.stdout and "--dry-run" in r.stdout and "OUT_DIR" in r.stdout
-    for stage in ("build+tests", "sanitize", "bench-quick", "bench", "pack", "all"):
+    for stage in ("build+tests", "sanitize", "profile", "bench-quick", "bench", "pack", "all"):
         assert f"  {stage} " in r.stdout
 
 
@@ -62,11 +62,12 @@ def test_dry_run_all_stages(tmp_path):
     r = run(["--dry-run", "out"], cwd=tmp_path, TRITON_INTERPRET="1")  # no --stage: all
     assert r.returncode == 0, r.stdout + r.stderr
     status, order = summary(r.stdout)
-    assert order == ["build+tests", "sanitize", "bench", "pack"]
-    assert status == {"build+tests": "dry-run", "sanitize": "dry-run", "bench": "dry-run", "pack": "ok"}
+    assert order == ["build+tests", "sanitize", "profile", "bench", "pack"]
+    assert status == {"build+tests": "dry-run", "sanitize": "dry-run", "profile": "dry-run", "bench": "dry-run",
+                      "pack": "ok"}
     out = tmp_path / "out"
     # the commands it would run: a build that is checked, pytest without TRITON_INTERPRET, sanitizers
-    # without the caching allocator, the full benchmark on the GPU
+    # without the caching allocator, ncu over the kernels, the full benchmark on the GPU
     assert "pip install --no-build-isolation --no-deps -v -e ." in r.stdout
     assert "check: ddpm_fast._ext.BUILD_INFO[\"cuda\"] is true" in r.stdout and "sm_90" in r.stdout
     pytest_cmd = next(line for line in r.stdout.splitlines() if " -m pytest " in line)
@@ -75,16 +76,19 @@ def test_dry_run_all_stages(tmp_path):
     for tool in ("memcheck", "racecheck"):
         line = next(line for line in r.stdout.splitlines() if f"--tool {tool}" in line)
         assert "PYTORCH_NO_CUDA_MEMORY_CACHING=1" in line and line.endswith("benchmarks/cuda_smoke.py")
+    profile = next(line for line in r.stdout.splitlines() if "profile_kernels.py" in line)
+    assert profile.endswith(f"benchmarks/profile_kernels.py --ncu ncu {out}/profile")
     bench = next(line for line in r.stdout.splitlines() if " -m ddpm_fast bench" in line)
     assert "--quick" not in bench and f"--out {out}" in bench and "--device cuda" in bench
     assert re.search(r"timeout -s INT -k 15 \d+ ", bench)
     # placeholder logs, packed
-    logs = {"gpu_env.txt", "build.log", "tests.log", "memcheck.log", "racecheck.log", "bench.log", "summary.txt"}
+    logs = {"gpu_env.txt", "build.log", "tests.log", "memcheck.log", "racecheck.log", "profile.log", "bench.log",
+            "summary.txt"}
     assert logs <= members(out / "gpu-results.tar.gz")
     assert "gpu-results.tar.gz" not in members(out / "gpu-results.tar.gz")
     lines = (out / "summary.txt").read_text().splitlines()
     assert lines[0].startswith("== ") and [line.split(":")[0] for line in lines[1:]] == [
-        "stage build+tests", "stage sanitize", "stage bench", "stage pack"]
+        "stage build+tests", "stage sanitize", "stage profile", "stage bench", "stage pack"]
 
 
 def test_dry_run_selected_stages_relative_out_from_another_directory(tmp_path):
