@@ -1,8 +1,9 @@
 """Flash attention forward in Triton: o = softmax(q k^T * scale) v on [B, heads, L, d], online
 softmax over key blocks, the L x L scores never written to memory.
 
-Grid (cdiv(Lq, BLOCK_M), B * heads): a program owns BLOCK_M queries and streams every key/value
-block of its head through registers.  d is padded to a power of two >= 16 (masked), up to 256.
+Grid (cdiv(Lq, BLOCK_M), B * heads), B * heads in launches of at most 65535 (launch.py): a program
+owns BLOCK_M queries and streams every key/value block of its head through registers. d is padded to
+a power of two >= 16 (masked), up to 256.
 Block sizes depend on d, the dtype and the GPU (_config): on sm_90 the dots are wgmma wherever the
 registers allow (all but fp32 at d = 256), elsewhere mma.sync.
 fp16/bf16 run the two GEMMs on tensor cores with fp32 accumulation (p is rounded to the input dtype
@@ -28,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
+
 # Triton's CPU interpreter computes bf16 dots wrongly (garbage, seen on triton 3.6 and 3.8), so under
 # TRITON_INTERPRET=1 bf16 operands are widened to fp32 first; GPUs run the bf16 tensor-core dots.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -35,10 +38,10 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 @triton.jit
 def _attention_fwd(q_ptr, k_ptr, v_ptr, o_ptr, sqb, sqh, sql, sqd, skb, skh, skl, skd, svb, svh, svl, svd, H, Lq, Lk,
-                   D, qk_scale, WIDEN: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                   D, qk_scale, first_bh, WIDEN: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = first_bh + tl.program_id(1)
     b = bh // H
     h = bh % H
     m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -86,13 +89,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
         return o
     BLOCK_D = max(16, triton.next_power_of_2(D))
     BLOCK_M, BLOCK_N, num_warps, num_stages = _config(q.dtype, BLOCK_D, _target_arch())
-    grid = (triton.cdiv(Lq, BLOCK_M), B * H)
-    _attention_fwd[grid](q, k, v, o, *q.stride(), *k.stride(), *v.stride(), H, Lq, Lk, D, scale * 1.4426950408889634,
-                         WIDEN=q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and INTERPRETED),
-                         # Only fp32 operands read the precision (16-bit ones are exact on tensor cores);
-                         # the interpreter ignores it and multiplies in full fp32.
-                         PRECISION="tf32x3" if q.dtype == torch.float32 else "ieee",
-                         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=num_stages)
+    for first, count in launch.batch_chunks(B * H):
+        _attention_fwd[(triton.cdiv(Lq, BLOCK_M), count)](
+            q, k, v, o, *q.stride(), *k.stride(), *v.stride(), H, Lq, Lk, D, scale * 1.4426950408889634, first,
+            WIDEN=q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and INTERPRETED),
+            # Only fp32 operands read the precision (16-bit ones are exact on tensor cores);
+            # the interpreter ignores it and multiplies in full fp32.
+            PRECISION="tf32x3" if q.dtype == torch.float32 else "ieee",
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, num_warps=num_warps, num_stages=num_stages)
     return o
 
 

@@ -1,11 +1,12 @@
 """The reverse step in Triton: x_{t-1} = mean(x_t, model output, t) + sigma_t z, z drawn in registers.
 
 Math as ddpm_fast/reference/p_step.py (and csrc/include/ddpm_fast/step.h).
-Grid (tiles, B): a program owns BLOCK Philox groups (4*BLOCK elements) of one sample.  Contiguous
-tensors load a contiguous [BLOCK, 4] tile in NCHW order; channels_last ones a [quads of positions,
-channels, 4] tile in storage order, each group's 4 values (4 positions of one channel) along its
-last axis (see tile(); when 4 does not divide HW, the NCHW-order tile, gathered).  Bytes: 3 * N * sizeof(T) (+N for learned_range's v, +N for passed-in
-noise); ~15 FLOPs and a quarter of a Philox call per element.
+Grid (tiles, B), B in launches of at most 65535 samples (launch.py): a program owns BLOCK Philox
+groups (4*BLOCK elements) of one sample. Contiguous tensors load a contiguous [BLOCK, 4] tile in
+NCHW order; channels_last ones a [quads of positions, channels, 4] tile in storage order, each
+group's 4 values (4 positions of one channel) along its last axis (see tile(); when 4 does not
+divide HW, the NCHW-order tile, gathered). Bytes: 3 * N * sizeof(T) (+N for learned_range's v, +N
+for passed-in noise); ~15 FLOPs and a quarter of a Philox call per element.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ..schedule import TABLE_ROWS
+from . import launch
 from .philox import normal4, normal_tile
 
 
@@ -132,10 +134,10 @@ def step_value(x, o, v, z, t, table_ptr, T, clip_range, PREDICTION: tl.constexpr
 
 @triton.jit
 def _p_step_kernel(x_ptr, out_ptr, noise_ptr, y_ptr, t_ptr, table_ptr, T, seed, sample_offset, rng_ptr, N, C, HW,
-                   clip_range, PREDICTION: tl.constexpr, VARIANCE: tl.constexpr, FORM: tl.constexpr,
+                   clip_range, first_b, PREDICTION: tl.constexpr, VARIANCE: tl.constexpr, FORM: tl.constexpr,
                    CLIP: tl.constexpr, HAS_NOISE: tl.constexpr, HAS_RNG: tl.constexpr, CHANNELS_LAST: tl.constexpr,
                    BLOCK: tl.constexpr, BLOCK_C: tl.constexpr):
-    b = tl.program_id(1)
+    b = first_b + tl.program_id(1)
     t = tl.minimum(tl.maximum(tl.load(t_ptr + b), 0), T - 1)
     group, j, m, c, mask = tile(tl.program_id(0), N, C, HW, CHANNELS_LAST, BLOCK, BLOCK_C)
     base = b.to(tl.int64) * N
@@ -179,9 +181,10 @@ def p_step(x_t: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor, table
         return y
     C = x_t.shape[1]
     tiles, block_c = tiling(N, C, channels_last)
-    _p_step_kernel[(tiles, B)](x_t, model_output, noise if noise is not None else x_t, y, t, table, table.shape[1],
-                               seed, sample_offset, rng if rng is not None else t, N, C, N // C, clip_range,
-                               PREDICTION=prediction, VARIANCE=variance, FORM=form, CLIP=bool(clip_sample),
-                               HAS_NOISE=noise is not None, HAS_RNG=rng is not None, CHANNELS_LAST=channels_last,
-                               BLOCK=BLOCK, BLOCK_C=block_c)
+    for first, count in launch.batch_chunks(B):
+        _p_step_kernel[(tiles, count)](x_t, model_output, noise if noise is not None else x_t, y, t, table,
+                                       table.shape[1], seed, sample_offset, rng if rng is not None else t, N, C,
+                                       N // C, clip_range, first, PREDICTION=prediction, VARIANCE=variance, FORM=form,
+                                       CLIP=bool(clip_sample), HAS_NOISE=noise is not None, HAS_RNG=rng is not None,
+                                       CHANNELS_LAST=channels_last, BLOCK=BLOCK, BLOCK_C=block_c)
     return y

@@ -6,8 +6,8 @@ normal4(seed, group, sample, t, stream) -> four N(0, 1) floats for elements
 normal_tile: the same as a [BLOCK, 4] tile in element order.
 
 philox_randn kernel: z[i, j] for a [B, n] output.
-  grid = (cdiv(ceil(n / 4), BLOCK), B); each program owns BLOCK groups of 4 elements, stored as one
-  contiguous [BLOCK, 4] tile.
+  grid = (cdiv(ceil(n / 4), BLOCK), B), B in launches of at most 65535 (launch.py); each program
+  owns BLOCK groups of 4 elements, stored as one contiguous [BLOCK, 4] tile.
   Moves 4*B*n bytes (fp32 out), 1 Philox (10 rounds, ~80 int ops) + 2 Box-Muller per group.
 """
 
@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from . import launch
 
 
 @triton.jit
@@ -69,8 +71,8 @@ def normal_tile(seed, group, sample, t, stream):
 
 
 @triton.jit
-def _philox_randn_kernel(out_ptr, t_ptr, seed, stream, sample_offset, n, BLOCK: tl.constexpr):
-    sample = tl.program_id(1)
+def _philox_randn_kernel(out_ptr, t_ptr, seed, stream, sample_offset, n, first, BLOCK: tl.constexpr):
+    sample = first + tl.program_id(1)
     group = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     t = tl.load(t_ptr + sample)
     z = normal_tile(seed, group, sample + sample_offset, t, stream)
@@ -88,8 +90,10 @@ def philox_randn(t: torch.Tensor, sample_shape, seed: int, stream: int, sample_o
     if B == 0 or n == 0:
         return out
     BLOCK = 256
-    grid = (triton.cdiv(triton.cdiv(n, 4), BLOCK), B)
-    _philox_randn_kernel[grid](out, t.contiguous(), seed, stream, sample_offset, n, BLOCK=BLOCK)
+    t = t.contiguous()
+    for first, count in launch.batch_chunks(B):
+        _philox_randn_kernel[(triton.cdiv(triton.cdiv(n, 4), BLOCK), count)](out, t, seed, stream, sample_offset, n,
+                                                                           first, BLOCK=BLOCK)
     return out
 
 

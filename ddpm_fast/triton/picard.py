@@ -2,11 +2,12 @@
 
     S_j = step(x[a, j], out[a, j], z(seed, sample[a], t[a, j]))   (p_step.py's step_value; t < 0: S_j = x[a, j], err 0)
     x'[a, 0] = x[a, 0],   x'[a, j+1] = S_j + (x'[a, j] - x[a, j]),   err[a, j] = sum_n (x'[a, j+1] - x[a, j+1])^2
-Grid (cdiv(ceil(N / 4), BLOCK), A): a program owns BLOCK Philox groups (4*BLOCK elements, NCHW order)
-of one image and walks the P positions in order, the carry x' - x in registers; each position's
-squared change is summed per program into partial[a, program, j], which the launcher sums (the
-same order every run).  Bytes per image: (P + 1) N reads of x, P N (2 P N) of the model output,
-(P + 1) N writes: ~(3P + 2) N sizeof(T).  ~20 FLOPs and a quarter Philox call per element and position.
+Grid (cdiv(ceil(N / 4), BLOCK), A), A in launches of at most 65535 (launch.py): a program owns BLOCK
+Philox groups (4*BLOCK elements, NCHW order) of one image and walks the P positions in order, the
+carry x' - x in registers; each position's squared change is summed per program into partial[a,
+program, j], which the launcher sums (the same order every run). Bytes per image: (P + 1) N reads of
+x, P N (2 P N) of the model output, (P + 1) N writes: ~(3P + 2) N sizeof(T). ~20 FLOPs and a quarter
+Philox call per element and position.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ import torch
 import triton
 import triton.language as tl
 
+from . import launch
 from .p_step import step_value
 from .philox import normal_tile
 
 
 @triton.jit
 def _picard_kernel(x_ptr, out_ptr, y_ptr, partial_ptr, t_ptr, sample_ptr, table_ptr, T, seed, P, N, clip_range,
-                   PREDICTION: tl.constexpr, VARIANCE: tl.constexpr, FORM: tl.constexpr, CLIP: tl.constexpr,
+                   first_a, PREDICTION: tl.constexpr, VARIANCE: tl.constexpr, FORM: tl.constexpr, CLIP: tl.constexpr,
                    BLOCK: tl.constexpr):
-    a = tl.program_id(1)
+    a = first_a + tl.program_id(1)
     pid = tl.program_id(0)
     group = pid * BLOCK + tl.arange(0, BLOCK)
     j = 4 * group[:, None] + tl.arange(0, 4)[None, :]
@@ -72,7 +74,8 @@ def picard_step(x: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor, ta
         return y, torch.zeros(A, P, dtype=torch.float32, device=x.device)
     programs = triton.cdiv(triton.cdiv(N, 4), BLOCK)
     partial = torch.empty(A, programs, P, dtype=torch.float32, device=x.device)
-    _picard_kernel[(programs, A)](x, model_output, y, partial, t, sample, table, table.shape[1], seed, P, N, clip_range,
-                                  PREDICTION=prediction, VARIANCE=variance, FORM=form, CLIP=bool(clip_sample),
-                                  BLOCK=BLOCK)
+    for first, count in launch.batch_chunks(A):
+        _picard_kernel[(programs, count)](x, model_output, y, partial, t, sample, table, table.shape[1], seed, P, N,
+                                          clip_range, first, PREDICTION=prediction, VARIANCE=variance, FORM=form,
+                                          CLIP=bool(clip_sample), BLOCK=BLOCK)
     return y, partial.sum(1)
