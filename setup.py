@@ -8,12 +8,29 @@ the extension is built against the torch that will import it.
 """
 
 import glob
+import importlib.util
 import os
 import sys
 
 from setuptools import setup
 
 DEFAULT_ARCHS = "8.0;9.0+PTX"
+
+
+def write_sources_header(here):
+    """build/generated/ddpm_fast_sources.h: the digest of the sources (ddpm_fast/_sources.py), which
+    build_info() reports.  Rewritten only when it changes, so ninja recompiles module.cpp alone."""
+    spec = importlib.util.spec_from_file_location("_sources", os.path.join(here, "ddpm_fast", "_sources.py"))
+    sources = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sources)
+    text = f'#define DDPM_FAST_SOURCES "{sources.digest(here)}"\n'
+    generated = os.path.join(here, "build", "generated")
+    header = os.path.join(generated, "ddpm_fast_sources.h")
+    os.makedirs(generated, exist_ok=True)
+    if not os.path.exists(header) or open(header).read() != text:
+        with open(header, "w") as f:
+            f.write(text)
+    return generated
 
 
 def extension_modules():
@@ -28,6 +45,7 @@ def extension_modules():
 
     here = os.path.dirname(os.path.abspath(__file__))
     include = os.path.join(here, "csrc", "include")
+    generated = write_sources_header(here)
     cpu_sources = ["csrc/ops.cpp", "csrc/module.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # No errno from sqrtf and no FP-trap semantics: neither changes a result, and without them GCC
     # will not vectorise the CPU kernels' sqrt and branch-free selects.  No FMA contraction: the
@@ -41,13 +59,13 @@ def extension_modules():
         ext = ce.CUDAExtension(
             "ddpm_fast._C",
             cpu_sources + sorted(glob.glob("csrc/cuda/*.cu")),
-            include_dirs=[include],
+            include_dirs=[include, generated],
             define_macros=[("DDPM_FAST_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
             extra_link_args=["-fopenmp"],
         )
     else:
-        ext = ce.CppExtension("ddpm_fast._C", cpu_sources, include_dirs=[include],
+        ext = ce.CppExtension("ddpm_fast._C", cpu_sources, include_dirs=[include, generated],
                               extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     tag = f"py{sys.version_info[0]}{sys.version_info[1]}-torch{torch.__version__}-{'cuda' if with_cuda else 'cpu'}"
 

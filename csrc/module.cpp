@@ -4,6 +4,8 @@
 
 #include <string>
 
+#include "ddpm_fast_sources.h"  // DDPM_FAST_SOURCES, written by setup.py (ddpm_fast/_sources.py)
+
 #ifdef DDPM_FAST_WITH_CUDA
 namespace ddpm_fast {
 std::string cuda_arch_list();
@@ -29,9 +31,10 @@ static pybind11::dict build_info() {
   info["openmp"] = false;
 #endif
   info["torch"] = TORCH_VERSION;
+  info["sources"] = DDPM_FAST_SOURCES;
   return info;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("build_info", &build_info, "How this extension was built: CUDA archs and version, OpenMP.");
+  m.def("build_info", &build_info, "How this extension was built: CUDA, OpenMP, torch, the sources' digest.");
 }

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
+
+from . import _sources
 
 _C = None
 BUILD_INFO = None
@@ -19,7 +22,22 @@ else:
     except ImportError as e:  # the package works without it, on the reference backend
         IMPORT_ERROR = str(e)
 
+# The digest of the extension's sources in this source checkout; None in an installed package.
+CHECKOUT_SOURCES = _sources.digest(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def stale_reason(info):
+    """Why an extension with build_info() `info` was not built from the checkout's sources, or None
+    when it was (or when there is no checkout to compare with)."""
+    if CHECKOUT_SOURCES is None or info.get("sources") == CHECKOUT_SOURCES:
+        return None
+    return (f"ddpm_fast._C was built from other sources (digest {info.get('sources')}) than this checkout's "
+            f"csrc/ and setup.py ({CHECKOUT_SOURCES}): rebuild it with `pip install --no-build-isolation -e .`")
+
+
 if _C is not None:
+    if stale_reason(BUILD_INFO):  # it would run the old kernels
+        warnings.warn(stale_reason(BUILD_INFO), stacklevel=2)
     from . import _ops_meta
 
     _ops_meta.register_extension_fakes()  # fake kernels for torch.compile
