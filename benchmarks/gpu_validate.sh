@@ -6,12 +6,16 @@
 #        bash benchmarks/gpu_validate.sh --help
 #
 # Stages (--stage may be repeated or given a comma-separated list; they always run in this order):
-#   build        rm ddpm_fast/_C*.so; MAX_JOBS=$(nproc) pip install --no-build-isolation --no-deps -v -e .;
-#                fails unless ddpm_fast._ext.BUILD_INFO["cuda"] is true and `cuobjdump --list-elf`
-#                finds sm_90 code in the .so                                          (OUT/build.log)
-#   build+tests  build, then one pytest run over tests/ without TRITON_INTERPRET (with -n 8 when
-#                pytest-xdist is installed), junit XML in OUT/tests.xml; fails if pytest fails or
-#                if no test marked `cuda`, or none marked `triton`, ran (all skipped)
+#   build        reuse the extension in the tree when benchmarks/check_build.py --arch sm_90 passes (it
+#                was built from this checkout's sources, for this torch, with CUDA and sm_90 code: one
+#                carried from benchmarks/build_for_device.sh, or built by an earlier call on this warm
+#                machine); else rm ddpm_fast/_C*.so, MAX_JOBS=$(nproc) pip install --no-build-isolation
+#                --no-deps -v -e . and the same check, which must pass          (OUT/build.log)
+#   build+tests  build, then one pytest run over tests/ without TRITON_INTERPRET, -m "$TEST_MARKERS"
+#                (default "not compile_only": CI compiles every Triton kernel through ptxas; here they
+#                run), with -n 8 and a 300 s per-test limit where pytest-xdist and pytest-timeout are
+#                installed, OMP_NUM_THREADS=2; junit XML in OUT/tests.xml; fails if pytest fails or if
+#                no test marked `cuda`, or none marked `triton`, ran (all skipped)
 #                                                          (OUT/build.log, OUT/tests.log, OUT/tests.xml)
 #   sanitize     compute-sanitizer memcheck, then racecheck, over benchmarks/cuda_smoke.py with
 #                PYTORCH_NO_CUDA_MEMORY_CACHING=1: behind the caching allocator memcheck cannot see a
@@ -43,15 +47,22 @@
 # over calls that each fit, e.g. BENCH_ONLY=e2e,train in one and the other suites in another; read
 # them together with python -m ddpm_fast.bench.targets A.json B.json.
 # Other settings: PYTHON (default python3), MAX_JOBS, TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX",
-# the CI build; "9.0" compiles one target instead of three), CUDA_HOME.
+# the CI build; "9.0" compiles one target instead of three), CUDA_HOME, TEST_MARKERS, TRITON_CACHE_DIR.
 #
-# A device machine keeps nothing between calls (it is given back 30 s after one), so every call that
-# needs the extension builds it.  Suggested calls, each writing to the call's $OUT:
-#   1. WHEELS=.whl bash benchmarks/gpu_validate.sh --stage build+tests --stage pack $OUT
-#   2. TORCH_CUDA_ARCH_LIST=9.0 bash benchmarks/gpu_validate.sh --stage build,sanitize,profile,pack $OUT
-#   3. WHEELS=.whl TORCH_CUDA_ARCH_LIST=9.0 bash benchmarks/gpu_validate.sh --stage build,bench,pack $OUT
-#      (bench-quick instead of bench if the full run does not fit after the build)
-# then: tar -xzf gpu-results.tar.gz; cat summary.txt
+# A lease is 15 minutes of device time for the whole session, the machine's start (a minute or more)
+# included, and one call runs 10 minutes at most; a machine stays warm 30 s after a call, and a warm
+# one keeps the ignored files a call left in the tree: the extension, and Triton's compiled kernels
+# (TRITON_CACHE_DIR, default build/triton-cache).  So, before the first call, with no device time spent:
+#   bash benchmarks/build_for_device.sh   # the extension for torch 2.11/Python 3.12/sm_90 (~10 min on
+#                                         # 2 cores) and the wheels the machines lack, in .whl/
+# then, carrying what its last line names, [".whl", "ddpm_fast/_C.cpython-312-x86_64-linux-gnu.so"]:
+#   1. WHEELS=.whl BUDGET_S=540 bash benchmarks/gpu_validate.sh --stage build+tests,sanitize,pack $OUT
+#      (timeout_s 600; the build stage finds the carried extension and takes seconds)
+#   2. at once, while the machine is warm, with what is left (about 3 minutes):
+#      WHEELS=.whl BUDGET_S=150 BENCH_ONLY=p_step,q_sample,group_norm bash benchmarks/gpu_validate.sh \
+#        --stage build,bench-quick,pack $OUT
+#   and give the machine back.  The profile stage and the rest of the record go to later leases.
+# then: tar -xzf gpu-results.tar.gz; cat summary.txt (each stage's seconds: size the next lease by them)
 set -uo pipefail
 
 usage() { sed -n '3,/^set -uo pipefail/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
@@ -90,6 +101,7 @@ done
 [ ${#WANT[@]} -gt 0 ] || { WANT[build+tests]=1; WANT[sanitize]=1; WANT[profile]=1; WANT[bench]=1; WANT[pack]=1; }
 [ -n "${WANT[build+tests]:-}" ] && unset 'WANT[build]'  # build+tests builds
 BUDGET_S=${BUDGET_S:-560}
+TEST_MARKERS=${TEST_MARKERS:-not compile_only}
 [[ $BUDGET_S =~ ^[0-9]+$ ]] || die "BUDGET_S must be a whole number of seconds, got '$BUDGET_S'"
 
 # OUT and WHEELS are relative to the caller's directory; everything runs from the repository root.
@@ -108,6 +120,8 @@ PY=${PYTHON:-$(command -v python3 || command -v python || echo python3)}
 MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}  # later stages import the build in this tree
 export PYTHONUNBUFFERED=1
+# In the tree, ignored: a second call on a warm machine finds the kernels the first one compiled.
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$ROOT/build/triton-cache}
 # Same rule as setup.py, so the nvcc reported below is the one the build uses.
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 PACK_RESERVE=20
@@ -182,26 +196,10 @@ PY
 }
 
 # ---------------------------------------------------------------- checks (each prints its verdict last)
-check_build_info() {
-  "$PY" - <<'PY'
-import ddpm_fast._ext as e
-print("BUILD_INFO:", e.BUILD_INFO)
-if e._C is None:
-    raise SystemExit(f"the extension does not import: {e.IMPORT_ERROR}")
-if not e.BUILD_INFO.get("cuda"):
-    raise SystemExit("the extension was built WITHOUT CUDA (no nvcc/CUDA_HOME at build time, or a CPU build of torch)")
-print(f"built with CUDA {e.BUILD_INFO.get('cuda_version')} for archs {e.BUILD_INFO.get('cuda_archs')}: {e._C.__file__}")
-PY
-}
-
-check_sm90() {
-  local so tool elves
-  so=$("$PY" -c 'import ddpm_fast._C as c; print(c.__file__)') || { echo "ddpm_fast._C does not import"; return 1; }
+check_build() {  # benchmarks/check_build.py --arch sm_90: this checkout's extension, for this torch, with CUDA
+  local tool
   tool=$(find_tool cuobjdump) || { echo "cuobjdump not found (PATH, CUDA_HOME/bin, /usr/local/cuda/bin, nvidia wheels)"; return 1; }
-  elves=$("$tool" --list-elf "$so") || { echo "$tool --list-elf $so failed"; return 1; }
-  echo "$elves"
-  grep -q 'sm_90' <<<"$elves" || { echo "no sm_90 code in $so (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-unset})"; return 1; }
-  echo "cubins: $(grep -o 'sm_[0-9]*a\{0,1\}' <<<"$elves" | sort -u | paste -sd ' ')"
+  "$PY" benchmarks/check_build.py --arch sm_90 --cuobjdump "$tool"
 }
 
 check_cuda_ready() {
@@ -286,7 +284,7 @@ for dist in ("triton", "pytest", "pytest-xdist", "diffusers", "numpy"):
     except md.PackageNotFoundError:
         print(dist, "NOT INSTALLED")
 PY
-  echo "CUDA_HOME=${CUDA_HOME:-unset} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-unset (setup.py: 8.0;9.0+PTX)} MAX_JOBS=$MAX_JOBS TRITON_INTERPRET=${TRITON_INTERPRET:-unset}"
+  echo "CUDA_HOME=${CUDA_HOME:-unset} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-unset (setup.py: 8.0;9.0+PTX)} MAX_JOBS=$MAX_JOBS TRITON_INTERPRET=${TRITON_INTERPRET:-unset} TRITON_CACHE_DIR=$TRITON_CACHE_DIR"
   NVCC=${CUDA_HOME:+$CUDA_HOME/bin/nvcc}
   [ -x "${NVCC:-}" ] || NVCC=$(command -v nvcc || true)
   nv=$([ -n "$NVCC" ] && "$NVCC" --version 2>/dev/null | sed -n 's/.*release \([0-9][0-9.]*\).*/\1/p')
@@ -330,15 +328,22 @@ install_wheels() {  # pip-installs from WHEELS whichever of these modules is not
 }
 
 # ---------------------------------------------------------------- stages
-do_build() {  # the build, its two checks; failures go to the stage's notes
+do_build() {  # reuse the extension in the tree if check_build passes, else build it; failures go to the notes
   local log=$OUT/build.log rc
+  if [ "$DRY_RUN" = 0 ] && ls ddpm_fast/_C*.so >/dev/null 2>&1; then
+    if chk "$log" "the extension in the tree is this checkout's, for this torch, with sm_90 (check_build.py)" check_build; then
+      note "build: reused $(ls ddpm_fast/_C*.so), $(grep '^built from' "$log" | tail -n 1)"
+      return 0
+    fi
+    note "build: not reused ($(grep -m1 '^FAIL' "$log" | cut -c1-160))"
+  fi
   echo "+ rm -f ddpm_fast/_C*.so"  # a stale .so must not stand in for a failed build
   [ "$DRY_RUN" = 1 ] || rm -f ddpm_fast/_C*.so
   cmd "$log" 420 env MAX_JOBS="$MAX_JOBS" "$PY" -m pip install --no-build-isolation --no-deps -v -e .
   rc=$?
   if [ $rc -ne 0 ]; then fail "build: pip install failed (rc $rc$([ $rc -eq 124 ] && echo ', timed out'))"; return 1; fi
-  chk "$log" 'ddpm_fast._ext.BUILD_INFO["cuda"] is true' check_build_info || { fail "build: $CHECK_MSG"; return 1; }
-  chk "$log" 'cuobjdump --list-elf finds sm_90 code in the .so' check_sm90 || { fail "build: $CHECK_MSG"; return 1; }
+  chk "$log" "the new extension is this checkout's, for this torch, with sm_90 (check_build.py)" check_build \
+    || { fail "build: $CHECK_MSG"; return 1; }
   [ -n "$CHECK_MSG" ] && note "build: $CHECK_MSG"
   return 0
 }
@@ -352,14 +357,17 @@ stage_build() {
 
 stage_build_tests() {
   begin build+tests
-  local log=$OUT/tests.log rc xdist=()
+  local log=$OUT/tests.log rc opts=()
   : >"$OUT/build.log"; : >"$log"
   do_build  # the tests still run after a failed build: they show what works without it
   write_marker_plugin
-  "$PY" -c 'import xdist' 2>/dev/null && xdist=(-n 8)
+  "$PY" -c 'import xdist' 2>/dev/null && opts=(-n 8)
+  # a test stuck in the driver ends its worker, not the call (xdist starts another)
+  "$PY" -c 'import pytest_timeout' 2>/dev/null && opts+=(--timeout 300 --timeout-method thread)
   rm -f "$OUT/tests.xml"
-  cmd "$log" 480 env -u TRITON_INTERPRET PYTHONPATH="$TMP:$PYTHONPATH" "$PY" -m pytest tests -q \
-    ${xdist[@]+"${xdist[@]}"} -p gv_markers -p no:cacheprovider --junitxml="$OUT/tests.xml"
+  # OMP_NUM_THREADS: 8 workers of 2 CPU threads each, as CI's 2 cores, not 8 x 16 on 16 cores
+  cmd "$log" 480 env -u TRITON_INTERPRET OMP_NUM_THREADS=2 PYTHONPATH="$TMP:$PYTHONPATH" "$PY" -m pytest tests -q \
+    -m "$TEST_MARKERS" ${opts[@]+"${opts[@]}"} -p gv_markers -p no:cacheprovider --junitxml="$OUT/tests.xml"
   rc=$?
   [ $rc -eq 0 ] || fail "pytest rc $rc$([ $rc -eq 124 ] && echo ' (timed out)')"
   if chk "$log" "$OUT/tests.xml: some cuda- and some triton-marked tests ran (not skipped)" check_tests_xml "$OUT/tests.xml"; then

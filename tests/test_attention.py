@@ -268,6 +268,7 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
 
 
 @pytest.mark.slow
+@pytest.mark.compile_only
 @pytest.mark.triton
 @pytest.mark.parametrize("arch", [80, 90])
 def test_dots_compile_to_tensor_core_instructions(arch):

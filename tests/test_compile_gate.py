@@ -62,6 +62,7 @@ def test_ptxas_usage_parses_the_log():
 
 
 @pytest.mark.slow
+@pytest.mark.compile_only
 def test_every_triton_kernel_compiles_for_sm80_and_sm90(tmp_path):
     """The gate itself, in a process without TRITON_INTERPRET (the kernels must be JIT functions)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -69,9 +69,10 @@ def test_dry_run_all_stages(tmp_path):
     # the commands it would run: a build that is checked, pytest without TRITON_INTERPRET, sanitizers
     # without the caching allocator, ncu over the kernels, the full benchmark on the GPU
     assert "pip install --no-build-isolation --no-deps -v -e ." in r.stdout
-    assert "check: ddpm_fast._ext.BUILD_INFO[\"cuda\"] is true" in r.stdout and "sm_90" in r.stdout
+    assert "check: the new extension is this checkout's, for this torch, with sm_90 (check_build.py)" in r.stdout
     pytest_cmd = next(line for line in r.stdout.splitlines() if " -m pytest " in line)
     assert "-u TRITON_INTERPRET" in pytest_cmd and "TRITON_INTERPRET=1" not in pytest_cmd
+    assert "OMP_NUM_THREADS=2" in pytest_cmd and re.search(r" -m not\\ compile_only ", pytest_cmd)
     assert f"--junitxml={out}/tests.xml" in pytest_cmd
     for tool in ("memcheck", "racecheck"):
         line = next(line for line in r.stdout.splitlines() if f"--tool {tool}" in line)
@@ -107,6 +108,10 @@ def test_dry_run_selected_stages_relative_out_from_another_directory(tmp_path):
     bench = next(line for line in r.stdout.splitlines() if " -m ddpm_fast bench" in line)
     assert " --quick " in bench and " --only " not in bench
     assert " -m pytest " not in r.stdout
+    r = run(["--dry-run", "--stage", "build+tests", "marked"], cwd=cwd, TEST_MARKERS="cuda or triton")
+    assert r.returncode == 0, r.stdout + r.stderr
+    pytest_cmd = next(line for line in r.stdout.splitlines() if " -m pytest " in line)
+    assert re.search(r" -m cuda\\ or\\ triton ", pytest_cmd)
     r = run(["--dry-run", "--stage", "bench", "split"], cwd=cwd, BENCH_ONLY="e2e,train")
     assert r.returncode == 0, r.stdout + r.stderr
     bench = next(line for line in r.stdout.splitlines() if " -m ddpm_fast bench" in line)
