@@ -17,8 +17,10 @@ def test_build_info():
     assert info["torch"] == torch.__version__.split("+")[0]
     assert _ext.stale_reason(info) is None  # built from this checkout's csrc/: the tests test these kernels
     if info["cuda"]:
-        archs = set(info["cuda_archs"].split(","))
-        assert {"800", "900"} <= archs, archs
+        # which archs is the build's choice (CI checks its default, sm_80 + sm_90, with check_build.py;
+        # build_for_device.sh builds sm_90 alone); the kernels need sm_80 or newer (mma.sync, cp.async)
+        archs = info["cuda_archs"].split(",")
+        assert archs and all(int(a) >= 800 for a in archs), archs
 
 
 def test_available_backends_names_reasons():
