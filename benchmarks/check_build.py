@@ -23,11 +23,11 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # this checkout's ddpm_fast, whatever the caller's directory
 
 
 def checks(archs, cuobjdump):
     """Yields (ok, message) per check, stopping after the first failure."""
-    sys.path.insert(0, ROOT)
     import torch
 
     from ddpm_fast import _ext

@@ -36,8 +36,9 @@ def stale_reason(info):
 
 
 if _C is not None:
-    if stale_reason(BUILD_INFO):  # it would run the old kernels
-        warnings.warn(stale_reason(BUILD_INFO), stacklevel=2)
+    _stale = stale_reason(BUILD_INFO)
+    if _stale:  # it would run the old kernels
+        warnings.warn(_stale, stacklevel=2)
     from . import _ops_meta
 
     _ops_meta.register_extension_fakes()  # fake kernels for torch.compile
