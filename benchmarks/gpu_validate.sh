@@ -14,8 +14,9 @@
 #   build+tests  build, then one pytest run over tests/ without TRITON_INTERPRET, -m "$TEST_MARKERS"
 #                (default "not compile_only": CI compiles every Triton kernel through ptxas; here they
 #                run), with -n 8 and a 300 s per-test limit where pytest-xdist and pytest-timeout are
-#                installed, OMP_NUM_THREADS=2; junit XML in OUT/tests.xml; fails if pytest fails or if
-#                no test marked `cuda`, or none marked `triton`, ran (all skipped)
+#                installed, OMP_NUM_THREADS=2, the tests marked `cuda` or `triton` first (so a stage that
+#                runs out of time loses CPU-only ones, which CI runs); junit XML in OUT/tests.xml; fails if
+#                pytest fails or if no test marked `cuda`, or none marked `triton`, ran (all skipped)
 #                                                          (OUT/build.log, OUT/tests.log, OUT/tests.xml)
 #   sanitize     compute-sanitizer memcheck, then racecheck, over benchmarks/cuda_smoke.py with
 #                PYTORCH_NO_CUDA_MEMORY_CACHING=1: behind the caching allocator memcheck cannot see a

@@ -55,6 +55,13 @@ def needs(name: str):
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def pytest_collection_modifyitems(config, items):
+    """On a GPU machine the tests marked `cuda` or `triton` run first (the sort is stable): a device
+    call that runs out of time then loses CPU-only tests, which CI runs anyway, not the GPU's."""
+    if torch.cuda.is_available():
+        items.sort(key=lambda item: item.get_closest_marker("cuda") is None and item.get_closest_marker("triton") is None)
+
+
 @pytest.fixture
 def gen():
     """A freshly seeded generator per test run: inputs differ between runs, never zeros."""

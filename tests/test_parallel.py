@@ -101,6 +101,7 @@ def test_analytic_256_images_error_bound_rounds_and_moments():
 
 @pytest.mark.cuda
 @requires_cuda
+@pytest.mark.cuda
 def test_on_the_gpu_window_one_is_sequential_and_graphs_change_nothing():
     """CUDA: window 1 against the sequential graph sampler bit for bit; the parallel rounds captured as
     CUDA graphs (one per window shape) against the same rounds run eagerly."""
