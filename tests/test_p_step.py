@@ -359,6 +359,72 @@ def test_thresholding_routes_to_reference(backend, gen):
     assert torch.isfinite(y).all()
 
 
+@pytest.mark.parametrize("backend", ["reference", *KERNEL_BACKENDS])
+@pytest.mark.parametrize("form", ["posterior", "eps"])
+def test_nan_from_the_model_stays_nan_under_clipping(backend, form, gen):
+    """Clipping is torch.clamp's in every backend: a NaN in, a NaN out (fminf/fmaxf, or compiled
+    tl.minimum/tl.maximum, would turn it into -clip_range and hide a diverged model)."""
+    dev = backend_device(backend) if backend != "reference" else "cpu"
+    x, out = (torch.randn(2, 3, 4, 4, generator=gen).to(dev) for _ in range(2))
+    out[0, 1, 2, 3] = out[1, 2, 0, 0] = float("nan")
+    y = df.p_step(x, out, torch.tensor([0, 500], device=dev), df.NoiseSchedule.linear(1000), seed=1, form=form,
+                  clip_sample=True, backend=backend)
+    assert torch.equal(torch.isnan(y), torch.isnan(out))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_kernel_zero_channels(backend, poison):
+    dev = backend_device(backend)
+    x = torch.randn(2, 0, 4, 4, device=dev)
+    y = df.p_step(x, x, 5, df.NoiseSchedule.linear(10), seed=1, variance="learned_range", backend=backend)
+    assert y.shape == x.shape and y.device == x.device
+
+
+EXTENSION = [p for p in KERNEL_BACKENDS if p.values[0] != "triton"]
+
+
+@pytest.mark.parametrize("backend", EXTENSION)
+def test_op_schema_guards(backend, gen):
+    """A direct torch.ops call skips ops.py's checks: the op's own raise (naming the argument) where a
+    kernel would divide by zero, read table[-1] or index a broadcast t past its one element."""
+    dev = backend_device(backend)
+    table = df.NoiseSchedule.linear(10).to(dev).table
+    x = torch.randn(2, 3, 4, 4, generator=gen).to(dev)
+    t = torch.tensor([1, 2], device=dev)
+
+    def call(x=x, out=x, t=t, table=table, variance=0):
+        return torch.ops.ddpm_fast.p_step(x, out, t, table, None, 5, 0, None, 0, variance, 0, True, 1.0, False)
+
+    with pytest.raises(RuntimeError, match=rf"table: expected the schedule's float32 \[{table.shape[0]}, T >= 1\]"):
+        call(table=table[:, :0])
+    with pytest.raises(RuntimeError, match="t: expected contiguous int64"):
+        call(t=torch.tensor([5], device=dev).expand(2))
+    with pytest.raises(RuntimeError, match="t: expected contiguous int64"):
+        torch.ops.ddpm_fast.q_sample(x, torch.tensor([5], device=dev).expand(2), table, None, 5, 0, None, False, False)
+    with pytest.raises(RuntimeError, match="model_output: expected 3 channels"):
+        call(out=torch.randn(2, 3, 4, 5, device=dev))
+    empty = torch.randn(2, 0, 4, 4, device=dev)
+    assert call(x=empty, out=empty, variance=2).shape == empty.shape  # no division by C = 0
+
+
+@pytest.mark.parametrize("backend", EXTENSION)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_op_one_channel_channels_last_learned_range(backend, dtype, gen, poison):
+    """x [B, 1, H, W] is NCHW and channels_last at once, but its learned_range output [B, 2, H, W]
+    in channels_last interleaves the two channels (ops.py hands the kernels C = 1 as NCHW; a direct
+    call may not)."""
+    dev = backend_device(backend)
+    s = df.NoiseSchedule.linear(1000)
+    x = torch.randn(3, 1, 4, 6, generator=gen).to(dev, dtype)
+    out = torch.randn(3, 2, 4, 6, generator=gen).to(dev, dtype).contiguous(memory_format=torch.channels_last)
+    z = torch.randn(3, 1, 4, 6, generator=gen).to(dev, dtype)
+    t = torch.tensor([0, 500, 999], device=dev)
+    y = torch.ops.ddpm_fast.p_step(x, out, t, s.to(dev).table, z, 0, 0, None, 0, 2, 0, True, 1.0, True)
+    ref = df.reference.p_step(x.double(), out.double(), t, s, noise=z.double(), variance="learned_range")
+    bound = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
+    assert rel_err(y, ref) <= bound
+
+
 def test_kernel_opcheck_and_compile():
     pytest.importorskip("ddpm_fast._C")
     if df.available_backends()["cpu"] is not True:

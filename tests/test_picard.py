@@ -168,6 +168,21 @@ def test_bad_input(kw, exc, match):
 
 
 @pytest.mark.parametrize("backend", [p for p in KERNEL_BACKENDS if p.values[0] != "triton"])
+def test_op_schema_guards(backend, gen):
+    """A direct torch.ops call: the op raises, naming the argument, where the kernel would divide by
+    C = 0 or read table[-1]."""
+    dev = backend_device(backend)
+    x, out, t, sample = window_inputs((2, 4, 3, 5, 5), gen, dev=dev)
+    table = df.NoiseSchedule.linear(1000).to(dev).table
+    with pytest.raises(RuntimeError, match="table: expected"):
+        torch.ops.ddpm_fast.picard_step(x, out, t, table[:, :0], sample, 5, 0, 0, 0, True, 1.0)
+    with pytest.raises(RuntimeError, match="model_output: expected"):
+        torch.ops.ddpm_fast.picard_step(x, out[..., :4], t, table, sample, 5, 0, 0, 0, True, 1.0)
+    y, err = torch.ops.ddpm_fast.picard_step(x[:, :, :0], out[:, :, :0], t, table, sample, 5, 0, 0, 0, True, 1.0)
+    assert y.shape == x[:, :, :0].shape and err.shape == t.shape
+
+
+@pytest.mark.parametrize("backend", [p for p in KERNEL_BACKENDS if p.values[0] != "triton"])
 def test_opcheck(backend, gen):
     """The extension's schema, fake kernel and implementation agree (the Triton launcher is plain Python)."""
     dev = backend_device(backend)

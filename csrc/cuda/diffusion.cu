@@ -363,7 +363,9 @@ at::Tensor p_step_cuda(const at::Tensor& x_t, const at::Tensor& model_output, co
     const scalar_t* op = model_output.data_ptr<scalar_t>();
     const scalar_t* np = noise ? noise->data_ptr<scalar_t>() : nullptr;
     scalar_t* yp = y.data_ptr<scalar_t>();
-    if (channels_last && L.C > 1 && L.HW > 1) {
+    // One channel makes x_t's channels_last layout NCHW's, but not a learned_range output's: its
+    // two channels stay interleaved.
+    if (channels_last && L.HW > 1 && (L.C > 1 || variance == kLearnedRange)) {
       const Geometry g = geometry(L.B, L.items);
       p_step_channels_last<scalar_t><<<g.grid, g.threads, 0, stream>>>(xp, op, np, yp, L, opt);
     } else {

@@ -112,6 +112,8 @@ at::Tensor philox4x32_cuda(const at::Tensor& counter, const at::Tensor& key) {
               "counter: expected an int64 tensor [N, 4]");
   TORCH_CHECK(key.dim() == 2 && key.size(1) == 2 && key.size(0) == counter.size(0) && key.scalar_type() == at::kLong,
               "key: expected an int64 tensor [N, 2] matching counter");
+  TORCH_CHECK(counter.is_cuda() && key.device() == counter.device(), "counter, key: expected both on one device, got ",
+              counter.device(), " and ", key.device());
   const c10::cuda::CUDAGuard guard(counter.device());
   const at::Tensor c = counter.contiguous(), k = key.contiguous();
   at::Tensor out = at::empty_like(c);

@@ -110,7 +110,9 @@ def step_value(x, o, v, z, t, table_ptr, T, clip_range, PREDICTION: tl.constexpr
     else:
         x0 = s1 * x - s2 * o
     if CLIP:
-        x0 = tl.minimum(tl.maximum(x0, -clip_range), clip_range)
+        # Comparisons keep a NaN from the model NaN (torch.clamp's behaviour); compiled
+        # tl.minimum/tl.maximum would turn it into -clip_range.
+        x0 = tl.where(x0 < -clip_range, -clip_range, tl.where(x0 > clip_range, clip_range, x0))
     if FORM == 0:
         mean = tl.load(table_ptr + ROW_C1 * T + t) * x0 + tl.load(table_ptr + ROW_C2 * T + t) * x
     else:
@@ -169,6 +171,7 @@ def _p_step_kernel(x_ptr, out_ptr, noise_ptr, y_ptr, t_ptr, table_ptr, T, seed, 
 
 
 
+@launch.on_device
 def p_step(x_t: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor, table: torch.Tensor, noise, seed: int,
            sample_offset: int, rng, prediction: int, variance: int, form: int, clip_sample: bool, clip_range: float,
            channels_last: bool) -> torch.Tensor:

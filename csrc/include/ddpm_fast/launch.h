@@ -52,18 +52,24 @@ inline void check_like(const at::Tensor& other, const at::Tensor& x, bool channe
 inline void check_model_output(const at::Tensor& out, const at::Tensor& x, int64_t variance, bool channels_last) {
   const int64_t channels = variance == kLearnedRange ? 2 * x.size(1) : x.size(1);
   TORCH_CHECK(out.dim() == x.dim() && out.size(0) == x.size(0) && out.size(1) == channels &&
-                  out.numel() == x.numel() / x.size(1) * channels && out.dtype() == x.dtype() &&
+                  out.sizes().slice(2) == x.sizes().slice(2) && out.dtype() == x.dtype() &&
                   out.device() == x.device() && out.is_contiguous(format_of(channels_last)),
               "model_output: expected ", channels, " channels in the samples' layout, dtype and device");
 }
 
-// t: int64 [B]; table: the schedule's float32 [kTableRows, T] rows, both on x's device.
+// table: the schedule's float32 [kTableRows, T] rows, T >= 1 (the kernels clamp t into [0, T)).
+inline void check_table(const at::Tensor& table, const at::Tensor& x) {
+  TORCH_CHECK(table.dim() == 2 && table.size(0) == kTableRows && table.size(1) >= 1 &&
+                  table.scalar_type() == at::kFloat && table.is_contiguous() && table.device() == x.device(),
+              "table: expected the schedule's float32 [", int(kTableRows), ", T >= 1] table on ", x.device());
+}
+
+// t: contiguous int64 [B] (the kernels read t[b]); table as check_table; both on x's device.
 inline void check_schedule(const at::Tensor& t, const at::Tensor& table, const at::Tensor& x) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(0) && t.scalar_type() == at::kLong && t.device() == x.device(),
-              "t: expected int64 [B] on the samples' device");
-  TORCH_CHECK(table.dim() == 2 && table.size(0) == kTableRows && table.scalar_type() == at::kFloat &&
-                  table.is_contiguous() && table.device() == x.device(),
-              "table: expected the schedule's float32 [", int(kTableRows), ", T] table on the samples' device");
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(0) && t.scalar_type() == at::kLong && t.is_contiguous() &&
+                  t.device() == x.device(),
+              "t: expected contiguous int64 [B] on the samples' device");
+  check_table(table, x);
 }
 
 // rng: int64 [2] (seed bits, sample_offset) on x's device, read in place of the int arguments.
@@ -93,7 +99,7 @@ inline int64_t check_picard(const at::Tensor& x, const at::Tensor& out, const at
   const int64_t A = x.size(0), P = x.size(1) - 1, C = x.size(2);
   const int64_t channels = variance == kLearnedRange ? 2 * C : C;
   TORCH_CHECK(out.dim() == x.dim() && out.size(0) == A && out.size(1) == P && out.size(2) == channels &&
-                  out.numel() == (x.numel() / (P + 1) / C) * P * channels && out.dtype() == x.dtype() &&
+                  out.sizes().slice(3) == x.sizes().slice(3) && out.dtype() == x.dtype() &&
                   out.device() == x.device() && out.is_contiguous(),
               "model_output: expected contiguous [A, P, ", channels, ", ...] in the states' dtype and device");
   TORCH_CHECK(t.dim() == 2 && t.size(0) == A && t.size(1) == P && t.scalar_type() == at::kLong && t.is_contiguous() &&
@@ -102,9 +108,7 @@ inline int64_t check_picard(const at::Tensor& x, const at::Tensor& out, const at
   TORCH_CHECK(sample.dim() == 1 && sample.size(0) == A && sample.scalar_type() == at::kLong && sample.is_contiguous() &&
                   sample.device() == x.device(),
               "sample: expected contiguous int64 [A] on the states' device");
-  TORCH_CHECK(table.dim() == 2 && table.size(0) == kTableRows && table.scalar_type() == at::kFloat &&
-                  table.is_contiguous() && table.device() == x.device(),
-              "table: expected the schedule's float32 [", int(kTableRows), ", T] table on the states' device");
+  check_table(table, x);
   return P;
 }
 

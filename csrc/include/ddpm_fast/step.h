@@ -92,7 +92,9 @@ DF_HD float div_coef(float a, float s, float recip_s) {
 DF_HD float p_step_element(float x, float o, float v, float z, const StepCoefs& k, const StepOptions& opt) {
   float x0 = opt.prediction == kPredictEps ? div_coef(x - k.s2 * o, k.s1, k.recip_s1)
                                           : (opt.prediction == kPredictSample ? o : k.s1 * x - k.s2 * o);
-  if (opt.clip) x0 = fminf(fmaxf(x0, -opt.clip_range), opt.clip_range);
+  // Comparisons, not fminf/fmaxf, which would turn a NaN into -clip_range: a NaN from the model
+  // stays NaN, as in the reference's torch.clamp.
+  if (opt.clip) x0 = x0 < -opt.clip_range ? -opt.clip_range : (x0 > opt.clip_range ? opt.clip_range : x0);
   float mean;
   if (opt.form == kFormPosterior) {
     mean = k.c1 * x0 + k.c2 * x;
