@@ -235,6 +235,9 @@ def q_sample(
             seed, sample_offset = _rng_values(rng)
         noise = _contract_noise(noise, seed, x0, t_vec, STREAM_Q_SAMPLE, sample_offset)
         return q_sample_math(x0, t_vec, sched, noise, None, sample_offset, return_noise)
+    scalars = x0.dim() == 1  # [B]: the kernels' [B, C, ...] with C = 1, whose contract draws are the same
+    if scalars:
+        x0, noise = x0[:, None], None if noise is None else noise[:, None]
     x0, channels_last = _layout(x0)
     noise = _like_layout(noise, x0, channels_last)
     args = (x0, t_vec.contiguous(), sched.to(x0.device).table, noise, _kernel_seed(seed, noise, rng), sample_offset,
@@ -244,6 +247,8 @@ def q_sample(
     else:
         kernel = torch.ops.ddpm_fast.q_sample
     x_t, eps = kernel(*args)
+    if scalars:
+        x_t, eps = x_t[:, 0], eps[:, 0] if return_noise else eps
     return (x_t, eps) if return_noise else x_t
 
 

@@ -55,8 +55,8 @@ def test_bad_input(kw, exc, match):
 
 
 # ----------------------------------------------------------------- fused kernels
-from conftest import (KERNEL_BACKENDS, backend_device, layout, requires_cuda, rounding_bound,  # noqa: E402
-                      store_slack)
+from conftest import (KERNEL_BACKENDS, backend_device, layout, normal_bound, requires_cuda,  # noqa: E402
+                      rounding_bound, store_slack)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -128,6 +128,25 @@ def test_kernel_passed_noise_and_batch_invariance(backend, fmt, gen, poison):
     parts = torch.cat([df.q_sample(x0[:2], t[:2], s, seed=8, backend=backend),
                        df.q_sample(x0[2:], t[2:], s, seed=8, sample_offset=2, backend=backend)])
     assert torch.equal(whole, parts)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("noise", ["seed", "passed"])
+def test_kernel_one_value_per_sample(backend, noise, gen, poison):
+    """x0 [B], which the reference takes: the kernels run it as [B, 1], whose contract draws are the
+    same."""
+    dev = backend_device(backend)
+    s = df.NoiseSchedule.linear(1000)
+    x0, z = (torch.randn(5, generator=gen).to(dev) for _ in range(2))
+    t = torch.randint(0, 1000, (5,), generator=gen).to(dev)
+    kw = dict(seed=7) if noise == "seed" else dict(noise=z)
+    x_t, eps = df.q_sample(x0, t, s, return_noise=True, backend=backend, **kw)
+    _, ref_eps = df.reference.q_sample(x0.cpu(), t.cpu(), s, return_noise=True,
+                                       **(kw if noise == "seed" else dict(noise=z.cpu())))
+    assert x_t.shape == eps.shape == (5,) and x_t.device == x0.device
+    assert ((eps.cpu() - ref_eps).abs() <= normal_bound(ref_eps, torch.float32)).all()
+    assert rel_err(x_t, df.reference.q_sample(x0.double(), t, s, noise=eps.double())) < 1e-6
+    assert torch.equal(df.q_sample(x0, t, s, backend=backend, **kw), x_t)
 
 
 ALL_BACKENDS = ["reference", *KERNEL_BACKENDS]
