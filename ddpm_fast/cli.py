@@ -395,7 +395,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        if local >= torch.cuda.device_count():
+            return fail(f"LOCAL_RANK {local}: there are {torch.cuda.device_count()} GPU(s) here, one per process; "
+                        "start at most that many per node (torchrun --nproc_per_node), or use --device cpu")
+        device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     try:
         sampler = DDPMSampler(model.to(device), schedule, backend=args.backend, dtype=args.dtype, device=device,

@@ -5,11 +5,13 @@ noise is stream 0 of sample i at that step, drawn inside the fused p_step kernel
 backend, the number of processes and CUDA graphs change nothing about it.
 
 Per step: one model call and one fused p_step; no .item(), no host sync.  With CUDA graphs (on by
-default on CUDA) the model call and the step are captured once per batch size and replayed.
+default on CUDA) the model call and the step are captured once per batch size and replayed; a step
+that runs on the reference backend runs eagerly instead (it reads host tables).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
@@ -158,19 +160,21 @@ class DDPMSampler:
                 pass
         out, stats = [], []
         graphs = {}  # batch size -> captured step, reused by every batch of that size
-        for i0 in range(start_index, start_index + num_images, batch_size):
-            b = min(batch_size, start_index + num_images - i0)
-            x = ops.philox_randn((b, *shape), seed, t=0, stream=STREAM_INIT, sample_offset=i0, device=self.device)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            if self.parallel is not None:
-                x, st = run_parallel(self, x, tables, t_model, seed, i0, self.parallel, bar)
-                stats.append(st)
-            elif self.cuda_graphs:
-                x = self._run_graphed(x, tables, t_model, seed, i0, bar, graphs)
-            else:
-                x = self._run_eager(x, tables, t_model, seed, i0, bar)
-            out.append(x.float().cpu())
+        # A capture, and a Triton launch, runs on the current device: make it the sampler's.
+        with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            for i0 in range(start_index, start_index + num_images, batch_size):
+                b = min(batch_size, start_index + num_images - i0)
+                x = ops.philox_randn((b, *shape), seed, t=0, stream=STREAM_INIT, sample_offset=i0, device=self.device)
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                if self.parallel is not None:
+                    x, st = run_parallel(self, x, tables, t_model, seed, i0, self.parallel, bar)
+                    stats.append(st)
+                elif self.cuda_graphs:
+                    x = self._run_graphed(x, tables, t_model, seed, i0, bar, graphs)
+                else:
+                    x = self._run_eager(x, tables, t_model, seed, i0, bar)
+                out.append(x.float().cpu())
         if own_bar:
             bar.close()
         if stats:
@@ -193,15 +197,15 @@ class DDPMSampler:
                 bar.update(b)
         return x
 
-    def _capture(self, x, tables, t_model, key) -> dict:
+    def _capture(self, x, tables, t_model) -> dict:
         """One step as a CUDA graph over static buffers: the sample, the model's timestep, the
-        schedule index and, where the step runs a kernel, the Philox (seed, sample offset), all
-        refreshed on the device before each replay, so one capture serves every batch of this size."""
+        schedule index and the Philox (seed, sample offset), all refreshed on the device before each
+        replay, so one capture serves every batch of this size."""
         b = x.shape[0]
         g = dict(x=x.clone(), t_model=t_model[-1:].expand(b).clone(),
                  t_idx=torch.full((b,), len(t_model) - 1, dtype=torch.long, device=self.device),
                  rng=torch.zeros(2, dtype=torch.long, device=self.device), graph=torch.cuda.CUDAGraph())
-        key = key or dict(rng=g["rng"])
+        key = dict(rng=g["rng"])
         self._check_output(self._eps(g["x"], g["t_model"]), g["x"])
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -214,15 +218,14 @@ class DDPMSampler:
         return g
 
     def _run_graphed(self, x, tables, t_model, seed, i0, bar, graphs):
-        b = x.shape[0]
         if ops.pick_backend("p_step", self.backend, self.device, x.dtype) == "reference":
-            # The reference step reads an rng tensor on the host, which a capture cannot: its
-            # (seed, offset) ints are baked into a capture of this batch alone.
-            g = self._capture(x, tables, t_model, dict(seed=seed, sample_offset=i0))
-        else:
-            if b not in graphs:
-                graphs[b] = self._capture(x, tables, t_model, None)
-            g = graphs[b]
+            # The reference step indexes the schedule's float64 tables on the host, a copy to the
+            # device that a capture refuses: it runs eagerly (it is the truth, not the fast path).
+            return self._run_eager(x, tables, t_model, seed, i0, bar)
+        b = x.shape[0]
+        if b not in graphs:
+            graphs[b] = self._capture(x, tables, t_model)
+        g = graphs[b]
         g["x"].copy_(x)
         # fill_ with a host scalar is a kernel argument: no host-to-device copy, no sync.
         g["rng"][0].fill_(ops.seed_bits(seed))

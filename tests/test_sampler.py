@@ -102,14 +102,6 @@ def test_to_uint8():
     assert u.flatten().tolist() == [0, 128, 255, 255]
 
 
-@pytest.fixture
-def full_fp32(monkeypatch):
-    """cuDNN and cuBLAS in full fp32.  TF32 rounds a convolution's inputs to 10 bits, so two runs whose
-    samples differ by an ulp can differ by 1e-3 after one U-Net call: the model's rounding, not the sampler's."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-
-
 @requires_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("batch_size", [4, 3])
@@ -188,11 +180,26 @@ def run_cli(*args, env=None):
                           env={**os.environ, **(env or {})})
 
 
+@requires_cuda
+@pytest.mark.cuda
+def test_cli_more_processes_than_gpus_is_refused(tmp_path, monkeypatch, capsys):
+    from ddpm_fast import cli
+
+    n = torch.cuda.device_count()
+    for name, value in (("RANK", n), ("WORLD_SIZE", n + 1), ("LOCAL_RANK", n)):
+        monkeypatch.setenv(name, str(value))
+    assert cli.main(["sample", "--num-images", "2", "--steps", "2", "--out", str(tmp_path / "o")]) == 2
+    assert f"LOCAL_RANK {n}: there are {n} GPU(s) here" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_cli_sample_one_and_two_processes(tmp_path, gen):
     ckpt = tmp_path / "tiny.pt"
     tiny_net(gen).save(str(ckpt), df.NoiseSchedule.linear(20), sampling=dict(clip_sample=True))
-    one = run_cli("sample", "--model", str(ckpt), "--num", "8", "--batch-size", "3", "--out", str(tmp_path / "a"))
+    # One GPU per process: with fewer than two GPUs both runs sample on the CPU.
+    device = [] if torch.cuda.device_count() >= 2 else ["--device", "cpu"]
+    one = run_cli("sample", "--model", str(ckpt), "--num", "8", "--batch-size", "3", "--out", str(tmp_path / "a"),
+                  *device)
     assert one.returncode == 0, one.stderr
     assert "images/s" in one.stdout and "ms per step" in one.stdout
     with socket.socket() as sock:  # a free port for the rendezvous
@@ -200,7 +207,7 @@ def test_cli_sample_one_and_two_processes(tmp_path, gen):
         port = sock.getsockname()[1]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                           "-m", "ddpm_fast", "sample", "--model", str(ckpt), "--num-images", "8", "--batch-size", "2",
-                          "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=600)
+                          "--out", str(tmp_path / "b"), *device], capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     a = np.load(tmp_path / "a" / "samples.npz")["arr_0"]
     b = np.load(tmp_path / "b" / "samples.npz")["arr_0"]

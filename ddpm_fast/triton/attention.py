@@ -79,6 +79,7 @@ def _attention_fwd(q_ptr, k_ptr, v_ptr, o_ptr, sqb, sqh, sql, sqd, skb, skh, skl
              mask=(m[:, None] < Lq) & (d[None, :] < D))
 
 
+@launch.on_device
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Launcher: validated by ddpm_fast.ops (d <= 256, Lk >= 1); any strides; returns a contiguous
     [B, H, Lq, d]."""

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .._ops_meta import group_norm_backward_fake, group_norm_fake
+from . import launch
 
 ONCHIP_MAX = 8192  # elements of one group held in one program's registers
 BWD_ONCHIP_MAX = 4096  # the backward holds x and dy
@@ -194,6 +195,7 @@ def _geometry(x: torch.Tensor, num_groups: int, channels_last: bool):
     return B, C, HW, CG, stride_c, stride_hw, triton.next_power_of_2(CG)
 
 
+@launch.on_device
 def group_norm(x: torch.Tensor, num_groups: int, weight, bias, eps: float, add, scale, shift, silu: bool,
                channels_last: bool, split: int = 0):
     """Launcher: arguments validated and laid out by ddpm_fast.ops.  Returns (y, mean, rstd).
@@ -370,6 +372,7 @@ def _gnb_dx(dy_ptr, x_ptr, dx_ptr, sums_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr
         tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+@launch.on_device
 def group_norm_backward(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, num_groups: int,
                         weight, bias, add, scale, shift, silu: bool, channels_last: bool, split: int = 0):
     """Launcher of the backward: dy in x's dtype and layout.  Returns (dx, sums [3, B, C] float32)."""

@@ -81,6 +81,7 @@ def _philox_randn_kernel(out_ptr, t_ptr, seed, stream, sample_offset, n, first, 
     tl.store(out_ptr + sample.to(tl.int64) * n + j, z.to(out_ptr.dtype.element_ty), mask=j < n)
 
 
+@launch.on_device
 def philox_randn(t: torch.Tensor, sample_shape, seed: int, stream: int, sample_offset: int,
                  dtype: torch.dtype) -> torch.Tensor:
     """Normals [B, *sample_shape] on t's device; t is a LongTensor [B] (validated by ddpm_fast.ops)."""
@@ -114,6 +115,7 @@ def _philox4x32_kernel(out_ptr, counter_ptr, key_ptr, N, BLOCK: tl.constexpr):
     tl.store(out_ptr + 4 * row + 3, r3.to(tl.int64), mask=m)
 
 
+@launch.on_device
 def philox4x32(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """Raw Philox4x32-10 words: counter [N, 4] and key [N, 2] int64 holding uint32 -> [N, 4] int64."""
     N = counter.shape[0]

@@ -62,6 +62,7 @@ def _picard_kernel(x_ptr, out_ptr, y_ptr, partial_ptr, t_ptr, sample_ptr, table_
 BLOCK = 256
 
 
+@launch.on_device
 def picard_step(x: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
                 sample: torch.Tensor, seed: int, prediction: int, variance: int, form: int, clip_sample: bool,
                 clip_range: float):

@@ -36,6 +36,7 @@ def _q_sample_kernel(x_ptr, noise_ptr, y_ptr, eps_ptr, t_ptr, table_ptr, T, seed
         tl.store(eps_ptr + base + m, e.to(eps_ptr.dtype.element_ty), mask=mask)
 
 
+@launch.on_device
 def q_sample(x0: torch.Tensor, t: torch.Tensor, table: torch.Tensor, noise, seed: int, sample_offset: int, rng,
              return_noise: bool, channels_last: bool):
     """Launcher: arguments already validated and laid out by ddpm_fast.ops (same order as the C++ op)."""
