@@ -39,7 +39,8 @@ def normal_bound(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
+    """||out - ref|| / ||ref||, on the CPU: a GPU kernel's output is often held to a CPU reference."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
@@ -79,6 +80,20 @@ KERNEL_BACKENDS = [
 
 def backend_device(backend: str) -> str:
     return "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"
+
+
+@pytest.fixture
+def full_fp32():
+    """cuDNN and cuBLAS in full fp32.  TF32 rounds a convolution's inputs to 10 bits, so two runs whose
+    samples differ by an ulp can differ by 1e-3 after one U-Net call: the model's rounding, not the kernels'.
+    (Not monkeypatch: torch's cuBLAS flags live behind __getattr__, which monkeypatch cannot restore.)"""
+    cudnn, cublas = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = cudnn.allow_tf32, cublas.allow_tf32
+    cudnn.allow_tf32 = cublas.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, cublas.allow_tf32 = before
 
 
 @pytest.fixture

@@ -244,12 +244,10 @@ def test_ddpm_pipeline_runs_unchanged():
 
 @requires_cuda
 @pytest.mark.cuda
-def test_cuda_ddpm_pipeline_runs_unchanged(monkeypatch):
+def test_cuda_ddpm_pipeline_runs_unchanged(full_fp32):
     """DDPMPipeline on the GPU with FastDDPMScheduler, then with accelerate()'s kernels in the UNet, against
     DDPMScheduler: one host generator draws the same noise for all three.  Convolutions in full fp32, as
     TF32 would turn the schedulers' last-ulp differences into 1e-3 ones."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     unet = diffusers.UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
                                  block_out_channels=(32, 64), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                                  up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ddpm_fast as df
-from conftest import KERNEL_BACKENDS, rel_err
+from conftest import KERNEL_BACKENDS, backend_device, rel_err
 from ddpm_fast.losses import eps_mse
 from ddpm_fast.reference.philox import STREAM_Q_SAMPLE
 
@@ -31,13 +31,15 @@ def grads(model):
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"] + KERNEL_BACKENDS)
-def test_gradient_equals_unfused_float64(backend, gen):
+def test_gradient_equals_unfused_float64(backend, gen, full_fp32):
+    dev = backend_device(backend) if backend in ("triton", "cuda") else "cpu"
     net = tiny_unet().train()
     x0 = torch.rand(3, 3, 8, 8, generator=gen) * 2 - 1
     t = torch.randint(0, 1000, (3,), generator=gen)
     seed, offset = int(torch.randint(0, 2**62, (), generator=gen)), int(torch.randint(0, 10**6, (), generator=gen))
     ref_net = copy.deepcopy(net).double()
-    loss = eps_mse(net, x0, t, SCHEDULE, seed, sample_offset=offset, backend=backend)
+    net.to(dev)
+    loss = eps_mse(net, x0.to(dev), t.to(dev), SCHEDULE, seed, sample_offset=offset, backend=backend)
     loss.backward()
     ref = unfused_loss(ref_net, x0.double(), t, seed, offset)
     ref.backward()

@@ -19,9 +19,12 @@ def analytic_model(schedule):
     """The exact eps-predictor of data N(MU, S2): x_t ~ N(sqrt(abar) MU, abar S2 + 1 - abar), so
     E[eps | x_t] = (x_t - sqrt(abar) MU) sqrt(1 - abar) / (abar S2 + 1 - abar)."""
     abar = schedule.alphas_cumprod.double()
+    on = {}  # device -> abar there: the first call (before any CUDA graph capture) copies it over
 
     def eps(x, t):
-        a = abar.to(x.device)[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        if x.device not in on:
+            on[x.device] = abar.to(x.device)
+        a = on[x.device][t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
         return (x - a.sqrt() * MU) * (1 - a).sqrt() / (a * S2 + 1 - a)
 
     return eps

@@ -26,7 +26,8 @@ def raw_words(backend, c, k):
     if backend == "triton":
         from ddpm_fast.triton.philox import philox4x32
 
-        return philox4x32(c, k)
+        dev = "cuda" if torch.cuda.is_available() else "cpu"  # compiled Triton on a GPU, else the interpreter
+        return philox4x32(c.to(dev), k.to(dev)).cpu()
     dev = "cuda" if backend == "cuda" else "cpu"
     return torch.ops.ddpm_fast.philox4x32(c.to(dev), k.to(dev)).cpu()
 
@@ -138,6 +139,15 @@ def test_bad_input(kw, exc, match):
         df.philox_randn(**args)
 
 
+@needs("cuda")
+@pytest.mark.cuda
+def test_cuda_philox4x32_refuses_tensors_on_two_devices():
+    c, k = torch.zeros(3, 4, dtype=torch.long, device="cuda"), torch.zeros(3, 2, dtype=torch.long)
+    for args in ((c, k), (c.cpu(), k.cuda())):
+        with pytest.raises(RuntimeError, match="counter, key: expected both on one device"):
+            torch.ops.ddpm_fast.philox4x32(*args)
+
+
 @requires_cuda
 @pytest.mark.cuda
 def test_cuda_default_backend_is_the_extension_or_triton():
@@ -175,9 +185,10 @@ def test_triton_sin_cos_accuracy():
              for k in range(1, 5)]
     theta = torch.cat([(u.float() * np.float32(6.283185307179586)).clamp_max(6.2831855),
                        torch.from_numpy(np.concatenate(below))])
-    sin, cos = torch.full_like(theta, float("nan")), torch.full_like(theta, float("nan"))
-    _sin_cos_kernel[(triton.cdiv(theta.numel(), 4096),)](theta, sin, cos, theta.numel(), BLOCK=4096)
-    for got, ref in ((sin, torch.sin(theta.double())), (cos, torch.cos(theta.double()))):
+    on = theta.to("cuda" if torch.cuda.is_available() else "cpu")
+    sin, cos = torch.full_like(on, float("nan")), torch.full_like(on, float("nan"))
+    _sin_cos_kernel[(triton.cdiv(theta.numel(), 4096),)](on, sin, cos, theta.numel(), BLOCK=4096)
+    for got, ref in ((sin.cpu(), torch.sin(theta.double())), (cos.cpu(), torch.cos(theta.double()))):
         err = (got.double() - ref).abs()
         ulp = torch.from_numpy(np.spacing(ref.abs().float().numpy())).double()
         assert err.max() < 1.2e-7
