@@ -106,16 +106,35 @@ def measure_floors(device: torch.device, quick: bool = False) -> Dict[str, objec
     src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     copy = time_fn(lambda: dst.copy_(src), device)
-    # Large enough to reach the machine's matmul peak even in --quick: a small floor would put the U-Net
-    # rows, whose convolutions run near that peak, above 100% (n = 512 on 2 cores did, by up to 25%).
-    n = 8192 if device.type == "cuda" else 2048
-    tflops = {}
+    tflops, sizes = {}, {}
     for dtype in FLOOR_DTYPES:
+        n = matmul_size(device, dtype)
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
         tflops[dtype_name(dtype)] = 2 * n**3 / time_fn(lambda: a @ b, device)["median_ms"] / 1e9
-    return {"copy_bytes": 2 * n_bytes, "copy_gbps": 2 * n_bytes / copy["median_ms"] / 1e6, "matmul_n": n,
+        sizes[dtype_name(dtype)] = n
+    return {"copy_bytes": 2 * n_bytes, "copy_gbps": 2 * n_bytes / copy["median_ms"] / 1e6, "matmul_n": sizes,
             "matmul_tflops": tflops}
+
+
+def matmul_size(device: torch.device, dtype: torch.dtype, most_s: float = 0.5) -> int:
+    """n of the n x n matmul that measures the floor: large enough to reach the machine's matmul peak
+    even in --quick (a small one would put the U-Net rows, whose convolutions run near that peak,
+    above 100%: n = 512 on 2 cores did, by up to 25%).  On a CPU, doubled from 256 up to 2048 while
+    one product stays under most_s: a CPU without bfloat16 instructions takes about a minute for
+    one 2048^3 bfloat16 product (seen on a 2-core AVX2 EPYC), which at its scalar rate a smaller n
+    measures as well."""
+    if device.type == "cuda":
+        return 8192
+    n = 256
+    while n < 2048:
+        a = torch.randn(n, n, dtype=dtype)
+        t0 = time.perf_counter()
+        a @ a
+        if 8 * (time.perf_counter() - t0) > most_s:
+            break
+        n *= 2
+    return n
 
 
 def dtype_name(dtype: Union[torch.dtype, str]) -> str:
