@@ -121,25 +121,35 @@ def train(model: DDPMUNet, data, schedule: NoiseSchedule, steps: int, recipe: Re
     model = accelerate(model.to(device, memory_format=layout))
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=recipe.lr, fused=on_gpu or None)
+    params, ema_params = list(model.parameters()), list(ema.parameters())
     start = 0
     if resume is not None:
         model.load_state_dict(resume["model"])
         ema.load_state_dict(resume["ema"])
-        opt.load_state_dict(resume["optimizer"])
+        # load_state_dict takes every group setting from the saved state, fused too: a run saved on
+        # the other kind of device would step with the wrong Adam (CPU fused Adam walks the moments as
+        # flat memory, and the GPU's are channels_last).  So this run's setting, the moments in this
+        # run's layout, and the step count where this run's Adam keeps it (fused: on the device).
+        saved = resume["optimizer"]
+        opt.load_state_dict({**saved, "param_groups": [{**g, "fused": on_gpu or None} for g in saved["param_groups"]]})
+        for p in params:
+            st = opt.state[p]
+            st.update({k: torch.empty_like(p).copy_(v) for k, v in st.items() if k != "step"})
+            if "step" in st:
+                st["step"] = st["step"].to(device if on_gpu else "cpu", torch.float32)
         start = int(resume["step"])
         torch.set_rng_state(resume["rng"]["cpu"])
         if on_gpu and resume["rng"].get("cuda"):
-            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+            torch.cuda.set_rng_state(resume["rng"]["cuda"][0], device)
     order = DataOrder(len(data), recipe.batch_size, recipe.seed, schedule.num_timesteps, recipe.flip)
     tables = schedule.to(device)
-    params, ema_params = list(model.parameters()), list(ema.parameters())
 
     def state(step: int) -> Dict[str, Any]:
         cpu = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         return {"format": STATE_FORMAT, "config": model.config, "betas": schedule.betas.clone(),
                 "recipe": dataclasses.asdict(recipe), "step": step, "model": cpu,
                 "ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()}, "optimizer": opt.state_dict(),
-                "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if on_gpu else []},
+                "rng": {"cpu": torch.get_rng_state(), "cuda": [torch.cuda.get_rng_state(device)] if on_gpu else []},
                 "data_order": order.state(step), "meta": dict(meta or {})}
 
     bar = None

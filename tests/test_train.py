@@ -138,6 +138,33 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run_bit_for_bit(pngs, tiny_
         assert torch.equal(x, y), k
 
 
+def test_a_state_saved_on_a_gpu_resumes_on_the_cpu_as_its_own():
+    """A GPU run's Adam state (fused, its step a float32 tensor, conv moments channels_last) resumed on
+    the CPU steps exactly as the CPU run's own state does: load_state_dict would otherwise keep
+    fused=True, and CPU fused Adam walks channels_last moments as if they were contiguous."""
+    import copy
+
+    from ddpm_fast.train import Recipe, train
+
+    torch.manual_seed(0)
+    model = DDPMUNet(**TINY)
+    data, schedule = torch.rand(6, 3, 8, 8) * 2 - 1, df.NoiseSchedule.linear(100)
+    recipe = Recipe(batch_size=2, lr=1e-2, warmup=1)
+    states = {}
+    train(copy.deepcopy(model), data, schedule, 2, recipe, device="cpu", log=None, checkpoint_every=1,
+          checkpoint=lambda state, ema: states.setdefault(state["step"], copy.deepcopy(state)))
+    as_on_gpu = copy.deepcopy(states[1])
+    opt = as_on_gpu["optimizer"]
+    opt["param_groups"] = [{**g, "fused": True} for g in opt["param_groups"]]
+    for st in opt["state"].values():
+        st.update({k: v.contiguous(memory_format=torch.channels_last) for k, v in st.items() if v.dim() == 4})
+    assert any(v.dim() == 4 for st in opt["state"].values() for v in st.values())
+    own = train(copy.deepcopy(model), data, schedule, 2, recipe, device="cpu", log=None, resume=states[1])
+    other = train(copy.deepcopy(model), data, schedule, 2, recipe, device="cpu", log=None, resume=as_on_gpu)
+    for (name, a), b in zip(own.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def run_train(capsys, *argv):
     rc = cli.main(["train", *map(str, argv)])
     out, err = capsys.readouterr()
