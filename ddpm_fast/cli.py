@@ -141,12 +141,13 @@ def _train(args: argparse.Namespace) -> int:
             raise UsageError(f"--{name.replace('_', '-')}: expected a positive int, got {v}")
     if args.workers < 0:
         raise UsageError(f"--workers: expected a non-negative int, got {args.workers}")
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as e:
-        raise UsageError(f"--device: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device: {device} asked for, but torch sees no CUDA GPU")
+    problem = _device_problem(args.device, "auto")
+    if problem:
+        raise UsageError(problem)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise UsageError("train runs in one process: under torchrun every process would train the same run "
+                         "into the same --out (use torchrun for sample only)")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     saved = None
     if args.resume:
         try:

@@ -139,7 +139,9 @@ def batches(data, order: DataOrder, start: int, stop: int, workers: int = 0,
         for step in range(start, stop):
             idx, flips, t = order.batch(step)
             x = data[idx]
-            yield torch.where(flips[:, None, None, None], x.flip(-1), x), t
+            x = torch.where(flips[:, None, None, None], x.flip(-1), x)
+            # Pinned, so the step's non-blocking copy to the GPU does not wait for the host.
+            yield (x.pin_memory() if pin_memory else x), t
         return
 
     class Keys(torch.utils.data.Sampler):
