@@ -119,6 +119,8 @@ def _fused_resnet_forward(self, input_tensor: torch.Tensor, temb: Optional[torch
     # norm2 (as its input add, or its scale-shift).  self.nonlinearity still serves temb.
     h = self.norm1(input_tensor)
     if self.upsample is not None:
+        if input_tensor.shape[0] >= 64:  # as diffusers does: channels_last nearest upsampling fails at large batches
+            input_tensor, h = input_tensor.contiguous(), h.contiguous()
         input_tensor, h = self.upsample(input_tensor), self.upsample(h)
     elif self.downsample is not None:
         input_tensor, h = self.downsample(input_tensor), self.downsample(h)

@@ -262,8 +262,8 @@ class DDPMUNet(nn.Module):
         if self.config["center_input_sample"]:
             x = 2 * x - 1.0
         B = x.shape[0]
-        if not isinstance(t, torch.Tensor):
-            t = torch.tensor([t], device=x.device)
+        if not isinstance(t, torch.Tensor):  # a kernel argument, not a host-to-device copy (capturable)
+            t = torch.full((1,), t, device=x.device)
         t = t.reshape(-1).to(x.device).expand(B)
         emb = timestep_embedding(t, self.config["ch"], self.config["flip_sin_to_cos"], self.config["freq_shift"])
         temb = self.time_embedding(emb.to(self.conv_in.weight.dtype))
