@@ -13,12 +13,14 @@
 #                --no-deps -v -e . and the same check, which must pass          (OUT/build.log)
 #   build+tests  build, then one pytest run over tests/ without TRITON_INTERPRET, -m "$TEST_MARKERS"
 #                (default "not compile_only": CI compiles every Triton kernel through ptxas; here they
-#                run), with -n 8 and a 300 s per-test limit where pytest-xdist and pytest-timeout are
-#                installed, OMP_NUM_THREADS=2, the tests marked `cuda` or `triton` first (so a stage that
-#                runs out of time loses CPU-only ones, which CI runs); junit XML in OUT/tests.xml; fails if
-#                pytest fails or if no test marked `cuda`, or none marked `triton`, ran (all skipped)
+#                run), -v, at most TESTS_CAP_S seconds (default 480), with -n 8 and a 300 s per-test limit
+#                where pytest-xdist and pytest-timeout are installed, OMP_NUM_THREADS=2, the tests marked
+#                `cuda` or `triton` first (so a stage that runs out of time loses CPU-only ones, which CI
+#                runs); junit XML in OUT/tests.xml; fails if pytest fails or if no test marked `cuda`, or
+#                none marked `triton` (the compile gate's, which run on a CPU, not counted), ran
 #                                                          (OUT/build.log, OUT/tests.log, OUT/tests.xml)
-#   sanitize     compute-sanitizer memcheck, then racecheck, over benchmarks/cuda_smoke.py with
+#   sanitize     compute-sanitizer memcheck (half of the time left), then racecheck (the rest; a tool
+#                left with under a minute is not run, and fails), over benchmarks/cuda_smoke.py with
 #                PYTORCH_NO_CUDA_MEMORY_CACHING=1: behind the caching allocator memcheck cannot see a
 #                read past a tensor's end that stays inside a cached block (OUT/memcheck.log, OUT/racecheck.log)
 #   profile      Nsight Compute (ncu --clock-control none) over one call of each fused kernel, CUDA and
@@ -26,7 +28,8 @@
 #                of every launch's key figures in OUT/profile/ncu-summary.md (OUT/profile.log)
 #   bench-quick  python -m ddpm_fast bench --quick --device cuda --out OUT, at most 5 min (OUT/bench-quick.log)
 #   bench        python -m ddpm_fast bench --device cuda --out OUT, the full record  (OUT/bench.log)
-#   pack         everything in OUT -> OUT/gpu-results.tar.gz; fails over 16 MiB
+#   pack         everything in OUT -> OUT/gpu-results.tar.gz; fails over 16 MiB; then (not in a dry run)
+#                removes from OUT all but the tarball and summary.txt (a device call returns 8 files)
 #   all          build+tests, sanitize, profile, bench, pack: the default; over 20 minutes, so it does not
 #                fit one 10-minute device call (run it with BUDGET_S=0 where time is not limited)
 # sanitize, profile and bench* use the extension already built in this working tree (by build or build+tests,
@@ -39,16 +42,18 @@
 # Each stage ends with exactly one line, also appended to OUT/summary.txt (after a line per call):
 #   stage NAME: ok|FAIL|dry-run SECONDSs (LOGS)[ - NOTES]
 # Time: each command runs under `timeout` (SIGINT first, so pytest and the benchmark still write
-# their partial results), capped per stage and by the call's budget, BUDGET_S seconds from the start
-# (default 560; 0 = no budget), keeping 20 s for pack.  Exit status: 0 when every selected stage (and
-# the WHEELS install) is ok, 1 otherwise, 2 for bad arguments.
+# their partial results; one still running 15 s later is killed, a timeout too), capped per stage and
+# by the call's budget, BUDGET_S seconds from the start (default 560; 0 = no budget), keeping 20 s for
+# pack.  Exit status: 0 when every selected stage (and the WHEELS install) is ok, 1 otherwise, 2 for
+# bad arguments.
 # --dry-run: prints the commands each selected stage would run, writes a placeholder log per stage,
 # and really runs pack; it runs no pip, pytest, sanitizer or benchmark and needs no GPU (CI runs it).
 # BENCH_ONLY: passed to the bench stages as --only (comma-separated suites), to split the full record
 # over calls that each fit, e.g. BENCH_ONLY=e2e,train in one and the other suites in another; read
 # them together with python -m ddpm_fast.bench.targets A.json B.json.
 # Other settings: PYTHON (default python3), MAX_JOBS, TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX",
-# the CI build; "9.0" compiles one target instead of three), CUDA_HOME, TEST_MARKERS, TRITON_CACHE_DIR.
+# the CI build; "9.0" compiles one target instead of three), CUDA_HOME, TEST_MARKERS, TESTS_CAP_S,
+# TRITON_CACHE_DIR.
 #
 # A lease is 15 minutes of device time for the whole session, the machine's start (a minute or more)
 # included, and one call runs 10 minutes at most; a machine stays warm 30 s after a call, and a warm
@@ -57,11 +62,14 @@
 #   bash benchmarks/build_for_device.sh   # the extension for torch 2.11/Python 3.12/sm_90 (~10 min on
 #                                         # 2 cores) and the wheels the machines lack, in .whl/
 # then, carrying what its last line names, [".whl", "ddpm_fast/_C.cpython-312-x86_64-linux-gnu.so"]:
-#   1. WHEELS=.whl BUDGET_S=540 bash benchmarks/gpu_validate.sh --stage build+tests,sanitize,pack $OUT
-#      (timeout_s 600; the build stage finds the carried extension and takes seconds)
-#   2. at once, while the machine is warm, with what is left (about 3 minutes):
-#      WHEELS=.whl BUDGET_S=150 BENCH_ONLY=p_step,q_sample,group_norm bash benchmarks/gpu_validate.sh \
-#        --stage build,bench-quick,pack $OUT
+#   1. WHEELS=.whl BUDGET_S=540 TESTS_CAP_S=330 TEST_MARKERS='(cuda or triton) and not compile_only' \
+#        bash benchmarks/gpu_validate.sh --stage build+tests,sanitize,pack $OUT
+#      (timeout_s 600; the build stage finds the carried extension and takes seconds; CI runs the
+#      CPU-only tests; the sanitizers share the ~190 s left)
+#   2. at once (a machine stays warm 30 s, and a fresh one does not start with under 4 minutes left),
+#      carrying the same two paths again, with B = status's budget_left_s - 30 and timeout_s B + 25:
+#      WHEELS=.whl TORCH_CUDA_ARCH_LIST=9.0 BUDGET_S=B BENCH_ONLY=p_step,q_sample,group_norm \
+#        bash benchmarks/gpu_validate.sh --stage build,bench-quick,pack $OUT
 #   and give the machine back.  The profile stage and the rest of the record go to later leases.
 # then: tar -xzf gpu-results.tar.gz; cat summary.txt (each stage's seconds: size the next lease by them)
 set -uo pipefail
@@ -103,7 +111,9 @@ done
 [ -n "${WANT[build+tests]:-}" ] && unset 'WANT[build]'  # build+tests builds
 BUDGET_S=${BUDGET_S:-560}
 TEST_MARKERS=${TEST_MARKERS:-not compile_only}
+TESTS_CAP_S=${TESTS_CAP_S:-480}
 [[ $BUDGET_S =~ ^[0-9]+$ ]] || die "BUDGET_S must be a whole number of seconds, got '$BUDGET_S'"
+[[ $TESTS_CAP_S =~ ^[0-9]+$ ]] || die "TESTS_CAP_S must be a whole number of seconds, got '$TESTS_CAP_S'"
 
 # OUT and WHEELS are relative to the caller's directory; everything runs from the repository root.
 case $OUT in /*) ;; *) OUT=$PWD/$OUT ;; esac
@@ -141,15 +151,18 @@ limit_for() {  # limit_for CAP: seconds a command may run, CAP or what is left o
 }
 
 cmd() {  # cmd LOG CAP COMMAND...: print COMMAND; unless --dry-run run it under timeout, output appended to LOG
-  local log=$1 limit rc
+  local log=$1 limit rc t0
   limit=$(limit_for "$2"); shift 2
   LAST_LOG=$log
   show timeout -s INT -k 15 "$limit" "$@"
   if [ "$DRY_RUN" = 1 ]; then echo "dry run: would run: $*" >>"$log"; return 0; fi
   if [ "$limit" -lt 10 ]; then echo "not run: no time left in BUDGET_S=$BUDGET_S" | tee -a "$log"; return 124; fi
   echo "+ $* (limit ${limit}s)" >>"$log"
+  t0=$SECONDS
   timeout -s INT -k 15 "$limit" "$@" >>"$log" 2>&1
   rc=$?
+  # 137: still running 15 s after the SIGINT, so killed; a timeout all the same
+  [ $rc -eq 137 ] && [ $((SECONDS - t0)) -ge "$limit" ] && rc=124
   [ $rc -eq 124 ] && echo "TIMED OUT after ${limit}s" | tee -a "$log"
   return $rc
 }
@@ -234,6 +247,8 @@ except (OSError, ET.ParseError) as e:
     sys.exit(f"no readable junit XML ({e})")
 outcomes, ran, skipped, reasons = Counter(), Counter(), Counter(), Counter()
 for case in root.iter("testcase"):
+    if "test_compile_gate" in case.get("classname", ""):
+        continue  # triton-marked, but it compiles on the CPU: it says nothing of the GPU's Triton
     outcome, why = "passed", ""
     for child in case:
         if child.tag in ("failure", "error"):
@@ -367,7 +382,8 @@ stage_build_tests() {
   "$PY" -c 'import pytest_timeout' 2>/dev/null && opts+=(--timeout 300 --timeout-method thread)
   rm -f "$OUT/tests.xml"
   # OMP_NUM_THREADS: 8 workers of 2 CPU threads each, as CI's 2 cores, not 8 x 16 on 16 cores
-  cmd "$log" 480 env -u TRITON_INTERPRET OMP_NUM_THREADS=2 PYTHONPATH="$TMP:$PYTHONPATH" "$PY" -m pytest tests -q \
+  # -v: each result is in the log as it comes, should the run be cut off before pytest's summary
+  cmd "$log" "$TESTS_CAP_S" env -u TRITON_INTERPRET OMP_NUM_THREADS=2 PYTHONPATH="$TMP:$PYTHONPATH" "$PY" -m pytest tests -v \
     -m "$TEST_MARKERS" ${opts[@]+"${opts[@]}"} -p gv_markers -p no:cacheprovider --junitxml="$OUT/tests.xml"
   rc=$?
   [ $rc -eq 0 ] || fail "pytest rc $rc$([ $rc -eq 124 ] && echo ' (timed out)')"
@@ -391,8 +407,15 @@ stage_sanitize() {
     fail "compute-sanitizer not found (PATH, CUDA_HOME/bin, /usr/local/cuda/bin, nvidia wheels)"; end "${logs[@]}"; return
   fi
   for t in memcheck racecheck; do
-    local t1=$SECONDS
-    cmd "$OUT/$t.log" 300 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$tool" --tool "$t" --error-exitcode 1 \
+    local t1=$SECONDS cap=300
+    # memcheck gets half of what is left, so racecheck is not left with nothing; one with under a
+    # minute would not get past importing torch under the sanitizer
+    [ "$t" = memcheck ] && [ "$BUDGET_S" -gt 0 ] && cap=$(( $(limit_for 600) / 2 ))
+    cap=$(limit_for "$cap")
+    if [ "$DRY_RUN" = 0 ] && [ "$BUDGET_S" -gt 0 ] && [ "$cap" -lt 60 ]; then
+      echo "not run: ${cap}s left in BUDGET_S=$BUDGET_S" >>"$OUT/$t.log"; fail "$t not run (${cap}s left)"; continue
+    fi
+    cmd "$OUT/$t.log" "$cap" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$tool" --tool "$t" --error-exitcode 1 \
       "$PY" benchmarks/cuda_smoke.py
     rc=$?
     if [ "$DRY_RUN" = 1 ]; then
@@ -456,7 +479,13 @@ stage_pack() {
     size=$(stat -c %s "$tgz")
     files=$(tar -tzf "$tgz" | grep -vc '/$')
     note "$files files, $((size / 1024)) KiB"
-    [ "$size" -le $((16 * 1024 * 1024)) ] || fail "over 16 MiB: it will not come back from a device call"
+    if [ "$size" -gt $((16 * 1024 * 1024)) ]; then
+      fail "over 16 MiB: it will not come back from a device call"
+    elif [ "$DRY_RUN" = 0 ]; then
+      # a device call brings back 8 files of OUT: the tarball holds them all, summary.txt says how it went
+      find "$OUT" -mindepth 1 -maxdepth 1 ! -name gpu-results.tar.gz ! -name summary.txt -exec rm -rf {} +
+      note "OUT holds only it and summary.txt"
+    fi
   else
     fail "tar failed"
   fi

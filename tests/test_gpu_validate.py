@@ -128,3 +128,16 @@ def test_pack_only_packs_what_is_there_and_not_its_own_tarball(tmp_path):
     status, _ = summary(r.stdout)
     assert status == {"pack": "ok"}
     assert members(out / "gpu-results.tar.gz") == {"bench-cuda.json", "gpu_env.txt", "summary.txt"}
+
+
+def test_a_real_pack_leaves_the_tarball_and_the_summary(tmp_path):
+    """A device call brings back 8 files of OUT: a real (not dry) pack leaves two, and loses nothing."""
+    out = tmp_path / "out"
+    (out / "profile").mkdir(parents=True)
+    for name in ("tests.log", "tests.xml", "memcheck.log", "racecheck.log", "profile/ncu-summary.md"):
+        (out / name).write_text(name)
+    r = run(["--stage", "pack", str(out)], cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["gpu-results.tar.gz", "summary.txt"]
+    assert {"tests.log", "tests.xml", "memcheck.log", "racecheck.log", "profile/ncu-summary.md", "gpu_env.txt",
+            "summary.txt"} <= members(out / "gpu-results.tar.gz")
