@@ -54,8 +54,9 @@ class ParallelStats:
 
 
 def run(sampler, x: torch.Tensor, tables, t_model: torch.Tensor, seed: int, i0: int, cfg: ParallelConfig,
-        bar=None):
-    """The final states of the images i0 .. i0 + B - 1 from their x_T [B, C, ...], and ParallelStats."""
+        bar, graphs: dict):
+    """The final states of the images i0 .. i0 + B - 1 from their x_T [B, C, ...], and ParallelStats.
+    graphs: the sampler's captures, which the rounds' captures join (keyed by window state shape)."""
     B, shape, device = x.shape[0], tuple(x.shape[1:]), x.device
     K = len(t_model)
     P = min(cfg.window, K)
@@ -69,7 +70,6 @@ def run(sampler, x: torch.Tensor, tables, t_model: torch.Tensor, seed: int, i0: 
     rounds = torch.zeros(B, dtype=torch.long)
     evals = torch.zeros(B, dtype=torch.long)
     out = torch.empty(B, *shape, dtype=torch.float32, device=device)
-    graphs = {}
     pos = torch.arange(P, device=device)
     while active.numel():
         A = active.numel()
@@ -125,9 +125,9 @@ def _round(sampler, state, t, tables, t_model, seed, sample):
 
 
 def _graphed_round(sampler, graphs, state, t, tables, t_model, seed, sample):
-    """_round as a CUDA graph over static buffers, captured once per window shape (images, P) and
-    replayed with the round's states, timesteps and image indices copied in."""
-    key = tuple(state.shape[:2])
+    """_round as a CUDA graph over static buffers, captured once per window state shape
+    [images, P + 1, C, ...] and replayed with the round's states, timesteps and image indices copied in."""
+    key = state.shape
     if key not in graphs:
         g = dict(state=state.clone(), t=t.clone(), sample=sample.clone(), graph=torch.cuda.CUDAGraph())
         side = torch.cuda.Stream(state.device)

@@ -6,7 +6,9 @@ backend, the number of processes and CUDA graphs change nothing about it.
 
 Per step: one model call and one fused p_step; no .item(), no host sync.  With CUDA graphs (on by
 default on CUDA) the model call and the step are captured once per batch size and replayed; a step
-that runs on the reference backend runs eagerly instead (it reads host tables).
+that runs on the reference backend runs eagerly instead (it reads host tables).  The captures of a
+torch module are kept for later sample() calls (with their memory; release_graphs() frees them) as
+long as they stay valid: see _graph_key.
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ class DDPMSampler:
             raise TypeError(f"parallel: expected a ParallelConfig or None, got {type(parallel).__name__}")
         self.parallel = parallel
         self.parallel_stats: Optional[ParallelStats] = None  # per image of the last sample() with parallel
+        self._kept: Optional[tuple] = None  # (_graph_key, tables, t_model, captures) of the last call
         if isinstance(model, torch.nn.Module):
             model.eval()
             if channels_last:
@@ -145,9 +148,7 @@ class DDPMSampler:
         batch_size = batch_size or min(num_images, 256)
         if batch_size <= 0:
             raise ValueError(f"batch_size: expected a positive int, got {batch_size}")
-        sched, ts = self._plan(num_steps)
-        tables = sched.to(self.device)  # built once: no host copy per step
-        t_model = torch.tensor(ts, dtype=torch.long, device=self.device)
+        tables, t_model, graphs = self._call_state(num_steps, seed)
         bar, own_bar = None, False
         if hasattr(progress, "update"):
             bar = progress
@@ -155,11 +156,10 @@ class DDPMSampler:
             try:
                 from tqdm import tqdm
 
-                bar, own_bar = tqdm(total=num_images * len(ts), unit="img-step"), True
+                bar, own_bar = tqdm(total=num_images * len(t_model), unit="img-step"), True
             except ImportError:
                 pass
         out, stats = [], []
-        graphs = {}  # batch size -> captured step, reused by every batch of that size
         # A capture, and a Triton launch, runs on the current device: make it the sampler's.
         with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
             for i0 in range(start_index, start_index + num_images, batch_size):
@@ -168,7 +168,7 @@ class DDPMSampler:
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 if self.parallel is not None:
-                    x, st = run_parallel(self, x, tables, t_model, seed, i0, self.parallel, bar)
+                    x, st = run_parallel(self, x, tables, t_model, seed, i0, self.parallel, bar, graphs)
                     stats.append(st)
                 elif self.cuda_graphs:
                     x = self._run_graphed(x, tables, t_model, seed, i0, bar, graphs)
@@ -182,6 +182,42 @@ class DDPMSampler:
                                                 torch.cat([s.evaluations for s in stats]))
         images = torch.cat(out)
         return images.clamp(-1, 1) if self.options["clip_sample"] else images
+
+    def release_graphs(self) -> None:
+        """Frees the CUDA graphs kept from earlier sample() calls, and the memory they hold; the
+        next call captures anew."""
+        self._kept = None
+
+    def _graph_key(self, ts: list, seed: int):
+        """What the captures of a call depend on beyond their static buffers, or None where they
+        cannot be kept across calls.  A capture reads the schedule tables, the model's parameters
+        and buffers by address, and whatever the model derived from them when it was captured (the
+        fused attention's concatenated QKV weights), and it replays the model's train/eval mode of
+        that time: so it stays valid for a torch module whose parameters and buffers are the same
+        storage at the same versions (no in-place update since), in the same mode, with the same
+        steps and sampler options; a parallel round's capture also takes the seed as a kernel
+        argument.  A bare callable may close over anything: its captures live for one call."""
+        if not self.cuda_graphs or not isinstance(self.model, torch.nn.Module):
+            return None
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        return (tuple(ts), self.model.training, self.backend, self.dtype, self.channels_last,
+                tuple(sorted(self.options.items())), None if self.parallel is None else (self.parallel, seed),
+                tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in tensors))
+
+    def _call_state(self, num_steps: Optional[int], seed: int):
+        """(the schedule's device tables, the model's timesteps, the captures by batch size) for a
+        sample() call: those of the previous call where its captures are still valid, else new."""
+        sched, ts = self._plan(num_steps)
+        key = self._graph_key(ts, seed)
+        if key is not None and self._kept is not None and self._kept[0] == key:
+            return self._kept[1:]
+        self._kept = None  # stale captures go before new ones take memory
+        tables = sched.to(self.device)  # built once: no host copy per step
+        t_model = torch.tensor(ts, dtype=torch.long, device=self.device)
+        graphs = {}  # sample (or window state) shape -> captured step, reused by every batch of that shape
+        if key is not None:
+            self._kept = (key, tables, t_model, graphs)
+        return tables, t_model, graphs
 
     def _step(self, x, tables, k, t_vec_model, t_idx, key):
         eps = self._eps(x, t_vec_model)
@@ -223,9 +259,9 @@ class DDPMSampler:
             # device that a capture refuses: it runs eagerly (it is the truth, not the fast path).
             return self._run_eager(x, tables, t_model, seed, i0, bar)
         b = x.shape[0]
-        if b not in graphs:
-            graphs[b] = self._capture(x, tables, t_model)
-        g = graphs[b]
+        if x.shape not in graphs:
+            graphs[x.shape] = self._capture(x, tables, t_model)
+        g = graphs[x.shape]
         g["x"].copy_(x)
         # fill_ with a host scalar is a kernel argument: no host-to-device copy, no sync.
         g["rng"][0].fill_(ops.seed_bits(seed))

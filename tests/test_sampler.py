@@ -157,12 +157,46 @@ def test_cuda_sampling_loop_makes_no_host_sync(gen, graphs):
     assert torch.equal(again, first)
 
 
+def test_captures_are_kept_across_calls_only_while_valid(gen):
+    """What a CUDA-graph sampler keeps from one sample() call for the next (the device tables, the
+    timesteps and the captures by shape; the bookkeeping alone here, which captures nothing on the
+    CPU): kept while the module's parameters (storage and version), mode and steps stay as they
+    were, and for a parallel sampler the seed; anything else starts anew."""
+    net = tiny_net(gen)
+    sampler = df.DDPMSampler(net, df.NoiseSchedule.linear(30))
+    sampler.cuda_graphs = True
+
+    def kept(num_steps=None, seed=0, on=sampler):
+        return on._call_state(num_steps, seed)[2]
+
+    first = kept()
+    assert kept() is first and kept(seed=7) is first  # the sequential step takes the seed from a buffer
+    assert kept(num_steps=10) is not first and kept() is not first
+    changes = [lambda: next(net.parameters()).mul_(1.0),  # an in-place update moves its version
+               lambda: setattr(net.conv_in, "bias", torch.nn.Parameter(net.conv_in.bias.clone())),
+               net.train, net.eval, sampler.release_graphs]
+    for change in changes:
+        before = kept()
+        with torch.no_grad():
+            change()
+        assert kept() is not before and kept() is kept()
+    par = df.DDPMSampler(net, df.NoiseSchedule.linear(30), parallel=df.ParallelConfig(window=4))
+    par.cuda_graphs = True
+    first = kept(on=par)
+    assert kept(on=par) is first and kept(seed=1, on=par) is not first  # a round's capture bakes the seed in
+    for model, graphs in ((elementwise_model, True), (net, False)):  # a bare callable may close over anything
+        other = df.DDPMSampler(model, df.NoiseSchedule.linear(30), cuda_graphs=False)
+        other.cuda_graphs = graphs
+        assert kept(on=other) is not kept(on=other) and other._kept is None
+
+
 @requires_cuda
 @pytest.mark.cuda
 def test_cuda_graphs_one_capture_per_batch_size(gen, monkeypatch):
     """The Philox (seed, offset) reaches the captured step through a device tensor, so batches of
     one size share one capture: 3 batches of 4 and a tail of 2 make two captures, and the images
-    are those of the eager loop."""
+    are those of the eager loop.  The next call replays them; after an in-place update of the
+    weights it captures anew, and gives the updated model's images."""
     net = tiny_net(gen).cuda()
     s = df.NoiseSchedule.linear(30)
     sampler = df.DDPMSampler(net, s, cuda_graphs=True)
@@ -173,6 +207,15 @@ def test_cuda_graphs_one_capture_per_batch_size(gen, monkeypatch):
     assert captures == [4, 2]
     eager = df.DDPMSampler(net, s, cuda_graphs=False).sample(14, seed=2**64 - 3, batch_size=4, start_index=5)
     assert torch.equal(graphed, eager)
+    assert torch.equal(sampler.sample(6, seed=1, batch_size=4), df.DDPMSampler(net, s, cuda_graphs=False).sample(
+        6, seed=1, batch_size=4))
+    assert captures == [4, 2]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(0.9)
+    updated = sampler.sample(6, seed=1, batch_size=4)
+    assert captures == [4, 2, 4, 2]
+    assert torch.equal(updated, df.DDPMSampler(net, s, cuda_graphs=False).sample(6, seed=1, batch_size=4))
 
 
 def run_cli(*args, env=None):
