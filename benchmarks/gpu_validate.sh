@@ -22,7 +22,10 @@
 #   sanitize     compute-sanitizer memcheck (half of the time left), then racecheck (the rest; a tool
 #                left with under a minute is not run, and fails), over benchmarks/cuda_smoke.py with
 #                PYTORCH_NO_CUDA_MEMORY_CACHING=1: behind the caching allocator memcheck cannot see a
-#                read past a tensor's end that stays inside a cached block (OUT/memcheck.log, OUT/racecheck.log)
+#                read past a tensor's end that stays inside a cached block; each judged by
+#                benchmarks/sanitizer_verdict.py (the smoke exited 0, the tool's summary is there and
+#                counts no memory error or hazard; CUDA API errors, some of which PyTorch makes on
+#                purpose, are named, not counted)               (OUT/memcheck.log, OUT/racecheck.log)
 #   profile      Nsight Compute (ncu --clock-control none) over one call of each fused kernel, CUDA and
 #                Triton, at the benchmarks' shapes: benchmarks/profile_kernels.py, its CSVs and a table
 #                of every launch's key figures in OUT/profile/ncu-summary.md (OUT/profile.log)
@@ -415,15 +418,16 @@ stage_sanitize() {
     if [ "$DRY_RUN" = 0 ] && [ "$BUDGET_S" -gt 0 ] && [ "$cap" -lt 60 ]; then
       echo "not run: ${cap}s left in BUDGET_S=$BUDGET_S" >>"$OUT/$t.log"; fail "$t not run (${cap}s left)"; continue
     fi
-    cmd "$OUT/$t.log" "$cap" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$tool" --tool "$t" --error-exitcode 1 \
-      "$PY" benchmarks/cuda_smoke.py
+    # no --error-exitcode: rc is the smoke's own, and the verdict reads the tool's summary
+    cmd "$OUT/$t.log" "$cap" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$tool" --tool "$t" "$PY" benchmarks/cuda_smoke.py
     rc=$?
     if [ "$DRY_RUN" = 1 ]; then
       :
-    elif [ $rc -eq 0 ]; then
-      note "$t ok $((SECONDS - t1))s"
+    elif chk "$OUT/$t.log" "$t: the smoke exited 0 and the summary counts no memory error or hazard" \
+        "$PY" benchmarks/sanitizer_verdict.py "$t" "$OUT/$t.log" "$rc"; then
+      note "$t ok $((SECONDS - t1))s: $CHECK_MSG"
     else
-      fail "$t FAIL $((SECONDS - t1))s (rc $rc$([ $rc -eq 124 ] && echo ', timed out'))"
+      fail "$t FAIL $((SECONDS - t1))s (rc $rc$([ $rc -eq 124 ] && echo ', timed out')): $CHECK_MSG"
       grep -q 'Device not supported' "$OUT/$t.log" 2>/dev/null \
         && note "compute-sanitizer says 'Device not supported' (seen on gVisor machines; Firecracker ones work)"
     fi
