@@ -9,7 +9,8 @@ the sequential images.
 
 Variants: diffusers' DDPMPipeline in fp32 and under bf16 autocast, torch.compile(max-autotune) of
 its UNet (GPU only), FastDDPMScheduler alone, accelerate() + FastDDPMScheduler (these four need
-diffusers), and DDPMSampler in fp32 and bf16 with CUDA graphs on and off (graphs on CUDA only).
+diffusers), and DDPMSampler in fp32 and bf16 with CUDA graphs on and off, and with graphs in
+channels_last (graphs and channels_last on CUDA only).
 MFU = achieved FLOP/s over the matmul floor of the row's dtype, measured in the same run.
 """
 
@@ -90,10 +91,17 @@ def cases(op: str, device: torch.device, quick: bool) -> Iterator[Case]:
             yield Case(impl="accelerate + FastDDPMScheduler",
                        fn=try_build(lambda: pipeline(accelerate(copy.deepcopy(unet)), FastDDPMScheduler, batch)),
                        baseline=False, **common)
+        # On CUDA also channels_last, the layout train.py uses on a GPU: cuDNN's tensor-core convolutions
+        # work in NHWC, so NCHW may cost transposes; which layout is faster is the record's to say.
+        layouts = [(False, False), (True, False), (True, True)] if device.type == "cuda" else [(False, False)]
         for dtype in (torch.float32, torch.bfloat16):
-            for graphs in ([False, True] if device.type == "cuda" else [False]):
-                sampler = try_build(lambda: DDPMSampler(ours, dtype=dtype, cuda_graphs=graphs, device=device).sample)
-                name = f"DDPMSampler {str(dtype)[6:]}" + (" graphs" if graphs else "")
+            for graphs, channels_last in layouts:
+                # channels_last turns the module's weights: a copy, so the other rows keep NCHW
+                sampler = try_build(lambda: DDPMSampler(copy.deepcopy(ours) if channels_last else ours, dtype=dtype,
+                                                        cuda_graphs=graphs, channels_last=channels_last,
+                                                        device=device).sample)
+                name = f"DDPMSampler {str(dtype)[6:]}" + (" graphs" if graphs else "") + (
+                    " channels_last" if channels_last else "")
                 yield Case(impl=name, fn=lambda s=sampler, b=batch: s(b, seed=0, num_steps=steps),
                            baseline=False, **dict(common, dtype=dtype))
     yield from parallel_cases(op, device, ours, steps)
