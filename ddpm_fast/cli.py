@@ -404,7 +404,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         torch.cuda.set_device(device)
     try:
         sampler = DDPMSampler(model.to(device), schedule, backend=args.backend, dtype=args.dtype, device=device,
-                              cuda_graphs=False if args.no_graphs else None, parallel=parallel,
+                              cuda_graphs=False if args.no_graphs else None, channels_last=args.channels_last,
+                              parallel=parallel,
                               **options)
     except ValueError as e:
         return fail(str(e))
@@ -525,6 +526,8 @@ def parser() -> argparse.ArgumentParser:
     sa.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "cuda", "triton"])
     sa.add_argument("--device", help="cpu or cuda[:N] (default: cuda if present)")
     sa.add_argument("--no-graphs", action="store_true", help="do not capture CUDA graphs")
+    sa.add_argument("--channels-last", action="store_true",
+                    help="run the model and the steps in channels_last (the same images; on a GPU often faster)")
     bar = sa.add_mutually_exclusive_group()
     bar.add_argument("--progress", action="store_true", default=None,
                      help="show a progress bar (the default when stderr is a terminal)")
