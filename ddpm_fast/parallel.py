@@ -54,9 +54,10 @@ class ParallelStats:
 
 
 def run(sampler, x: torch.Tensor, tables, t_model: torch.Tensor, seed: int, i0: int, cfg: ParallelConfig,
-        bar, graphs: dict):
+        bar=None, graphs: Optional[dict] = None):
     """The final states of the images i0 .. i0 + B - 1 from their x_T [B, C, ...], and ParallelStats.
     graphs: the sampler's captures, which the rounds' captures join (keyed by window state shape)."""
+    graphs = {} if graphs is None else graphs
     B, shape, device = x.shape[0], tuple(x.shape[1:]), x.device
     K = len(t_model)
     P = min(cfg.window, K)

@@ -6,9 +6,11 @@ backend, the number of processes and CUDA graphs change nothing about it.
 
 Per step: one model call and one fused p_step; no .item(), no host sync.  With CUDA graphs (on by
 default on CUDA) the model call and the step are captured once per batch size and replayed; a step
-that runs on the reference backend runs eagerly instead (it reads host tables).  The captures of a
-torch module are kept for later sample() calls (with their memory; release_graphs() frees them) as
-long as they stay valid: see _graph_key.
+that runs on the reference backend runs eagerly instead (it reads host tables).  The captures live
+for one sample() call (a warm-up and a capture cost about three eager steps per batch shape); with
+keep_graphs=True they are kept, with their memory, for later calls of a torch module, and captured
+anew when what _graph_key sees changes; a change it cannot see (the module's code, hooks, Python
+attributes or scalars) needs release_graphs().
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class DDPMSampler:
                  clip_range: float = 1.0, form: str = "posterior", backend: str = "auto",
                  dtype: Union[str, torch.dtype] = torch.float32, cuda_graphs: Optional[bool] = None,
                  channels_last: bool = False, device: Union[str, torch.device, None] = None,
-                 parallel: Optional[ParallelConfig] = None):
+                 parallel: Optional[ParallelConfig] = None, keep_graphs: bool = False):
         if not callable(model):
             raise TypeError(f"model: expected a torch module or a callable eps_model(x, t), got {type(model).__name__}")
         self.model = model
@@ -103,7 +105,10 @@ class DDPMSampler:
             raise TypeError(f"parallel: expected a ParallelConfig or None, got {type(parallel).__name__}")
         self.parallel = parallel
         self.parallel_stats: Optional[ParallelStats] = None  # per image of the last sample() with parallel
-        self._kept: Optional[tuple] = None  # (_graph_key, tables, t_model, captures) of the last call
+        if not isinstance(keep_graphs, bool):
+            raise TypeError(f"keep_graphs: expected a bool, got {type(keep_graphs).__name__}")
+        self.keep_graphs = keep_graphs
+        self._kept: Optional[tuple] = None  # (_graph_key, tables, t_model, captures, schedule) of the last call
         if isinstance(model, torch.nn.Module):
             model.eval()
             if channels_last:
@@ -111,7 +116,10 @@ class DDPMSampler:
 
     # ---------------------------------------------------------------- model call
     def _eps(self, x: torch.Tensor, t_model: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+        # No cast cache: inside a user's own autocast it would outlive this call, and a capture would
+        # read its casts by address; uncached, the casts are part of the captured step.
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32,
+                            cache_enabled=False):
             out = self.model(x, t_model)
         out = getattr(out, "sample", out)
         if isinstance(out, tuple):
@@ -184,24 +192,31 @@ class DDPMSampler:
         return images.clamp(-1, 1) if self.options["clip_sample"] else images
 
     def release_graphs(self) -> None:
-        """Frees the CUDA graphs kept from earlier sample() calls, and the memory they hold; the
-        next call captures anew."""
+        """Frees the CUDA graphs kept from earlier sample() calls (keep_graphs=True), and the memory
+        they hold; the next call captures anew."""
         self._kept = None
 
     def _graph_key(self, ts: list, seed: int):
-        """What the captures of a call depend on beyond their static buffers, or None where they
-        cannot be kept across calls.  A capture reads the schedule tables, the model's parameters
-        and buffers by address, and whatever the model derived from them when it was captured (the
-        fused attention's concatenated QKV weights), and it replays the model's train/eval mode of
-        that time: so it stays valid for a torch module whose parameters and buffers are the same
-        storage at the same versions (no in-place update since), in the same mode, with the same
-        steps and sampler options; a parallel round's capture also takes the seed as a kernel
-        argument.  A bare callable may close over anything: its captures live for one call."""
-        if not self.cuda_graphs or not isinstance(self.model, torch.nn.Module):
+        """What the captures of a call depend on beyond their static buffers, where keep_graphs keeps
+        them; None where they live for one call.  A capture reads the schedule's tables, the model's
+        parameters and buffers by address, and what the model derived from them when it was captured
+        (the fused attention's concatenated QKV weights); it replays the modules' train/eval modes
+        and the kernels torch's settings chose then, and a parallel round's capture takes the seed as
+        a kernel argument.  So the key holds the schedule object, the steps, every module's mode,
+        each parameter and buffer's storage and version (an in-place update moves it), the sampler's
+        options and torch's settings.  A bare callable may close over anything, and an inference
+        tensor has no version: their captures live for one call."""
+        if not (self.keep_graphs and self.cuda_graphs and isinstance(self.model, torch.nn.Module)):
             return None
         tensors = [*self.model.parameters(), *self.model.buffers()]
-        return (tuple(ts), self.model.training, self.backend, self.dtype, self.channels_last,
-                tuple(sorted(self.options.items())), None if self.parallel is None else (self.parallel, seed),
+        if any(t.is_inference() for t in tensors):
+            return None
+        settings = (torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision(),
+                    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+                    torch.are_deterministic_algorithms_enabled())
+        return (id(self.schedule), tuple(ts), tuple(m.training for m in self.model.modules()), self.backend,
+                self.dtype, self.channels_last, tuple(sorted(self.options.items())),
+                None if self.parallel is None else (self.parallel, seed), settings,
                 tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in tensors))
 
     def _call_state(self, num_steps: Optional[int], seed: int):
@@ -210,13 +225,13 @@ class DDPMSampler:
         sched, ts = self._plan(num_steps)
         key = self._graph_key(ts, seed)
         if key is not None and self._kept is not None and self._kept[0] == key:
-            return self._kept[1:]
+            return self._kept[1:4]
         self._kept = None  # stale captures go before new ones take memory
         tables = sched.to(self.device)  # built once: no host copy per step
         t_model = torch.tensor(ts, dtype=torch.long, device=self.device)
         graphs = {}  # sample (or window state) shape -> captured step, reused by every batch of that shape
-        if key is not None:
-            self._kept = (key, tables, t_model, graphs)
+        if key is not None:  # the schedule is held so that its id in the key stays its own
+            self._kept = (key, tables, t_model, graphs, self.schedule)
         return tables, t_model, graphs
 
     def _step(self, x, tables, k, t_vec_model, t_idx, key):

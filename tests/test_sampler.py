@@ -177,13 +177,14 @@ def test_channels_last_changes_nothing(gen, device, full_fp32):
         assert (sampler.sample(5, seed=1, batch_size=3) - want).abs().max() < (1e-4 if device == "cuda" else 1e-5)
 
 
-def test_captures_are_kept_across_calls_only_while_valid(gen):
-    """What a CUDA-graph sampler keeps from one sample() call for the next (the device tables, the
+def test_kept_captures_start_anew_when_what_they_read_changes(gen):
+    """What a keep_graphs sampler keeps from one sample() call for the next (the device tables, the
     timesteps and the captures by shape; the bookkeeping alone here, which captures nothing on the
-    CPU): kept while the module's parameters (storage and version), mode and steps stay as they
-    were, and for a parallel sampler the seed; anything else starts anew."""
+    CPU): kept while the schedule, the steps, every module's mode, the parameters' storage and
+    versions and torch's settings stay as they were, and for a parallel sampler the seed; anything
+    else starts anew.  Without keep_graphs, or for a bare callable, nothing is kept."""
     net = tiny_net(gen)
-    sampler = df.DDPMSampler(net, df.NoiseSchedule.linear(30))
+    sampler = df.DDPMSampler(net, df.NoiseSchedule.linear(30), keep_graphs=True)
     sampler.cuda_graphs = True
 
     def kept(num_steps=None, seed=0, on=sampler):
@@ -192,22 +193,31 @@ def test_captures_are_kept_across_calls_only_while_valid(gen):
     first = kept()
     assert kept() is first and kept(seed=7) is first  # the sequential step takes the seed from a buffer
     assert kept(num_steps=10) is not first and kept() is not first
+    cudnn = torch.backends.cudnn
     changes = [lambda: next(net.parameters()).mul_(1.0),  # an in-place update moves its version
                lambda: setattr(net.conv_in, "bias", torch.nn.Parameter(net.conv_in.bias.clone())),
-               net.train, net.eval, sampler.release_graphs]
+               net.train, net.eval, lambda: net.conv_in.train(), lambda: net.conv_in.eval(),
+               lambda: setattr(sampler, "schedule", df.NoiseSchedule.cosine(30)),
+               lambda: setattr(cudnn, "allow_tf32", not cudnn.allow_tf32),
+               lambda: setattr(cudnn, "allow_tf32", not cudnn.allow_tf32), sampler.release_graphs]
     for change in changes:
         before = kept()
         with torch.no_grad():
             change()
         assert kept() is not before and kept() is kept()
-    par = df.DDPMSampler(net, df.NoiseSchedule.linear(30), parallel=df.ParallelConfig(window=4))
+    par = df.DDPMSampler(net, df.NoiseSchedule.linear(30), parallel=df.ParallelConfig(window=4), keep_graphs=True)
     par.cuda_graphs = True
     first = kept(on=par)
     assert kept(on=par) is first and kept(seed=1, on=par) is not first  # a round's capture bakes the seed in
-    for model, graphs in ((elementwise_model, True), (net, False)):  # a bare callable may close over anything
-        other = df.DDPMSampler(model, df.NoiseSchedule.linear(30), cuda_graphs=False)
+    with torch.inference_mode():
+        frozen = tiny_net(gen)  # inference tensors have no version to watch
+    for model, keep, graphs in ((net, False, True), (net, True, False), (elementwise_model, True, True),
+                                (frozen, True, True)):
+        other = df.DDPMSampler(model, df.NoiseSchedule.linear(30), cuda_graphs=False, keep_graphs=keep)
         other.cuda_graphs = graphs
         assert kept(on=other) is not kept(on=other) and other._kept is None
+    with pytest.raises(TypeError, match="keep_graphs: expected a bool"):
+        df.DDPMSampler(net, keep_graphs=1)
 
 
 @requires_cuda
@@ -215,27 +225,30 @@ def test_captures_are_kept_across_calls_only_while_valid(gen):
 def test_cuda_graphs_one_capture_per_batch_size(gen, monkeypatch):
     """The Philox (seed, offset) reaches the captured step through a device tensor, so batches of
     one size share one capture: 3 batches of 4 and a tail of 2 make two captures, and the images
-    are those of the eager loop.  The next call replays them; after an in-place update of the
-    weights it captures anew, and gives the updated model's images."""
+    are those of the eager loop.  A later call captures anew; with keep_graphs it replays them, until
+    an in-place update of the weights, after which it captures anew and gives the updated model's
+    images (bf16 under autocast: the weights' casts are part of the captured step)."""
     net = tiny_net(gen).cuda()
     s = df.NoiseSchedule.linear(30)
-    sampler = df.DDPMSampler(net, s, cuda_graphs=True)
-    captures = []
-    original = sampler._capture
-    monkeypatch.setattr(sampler, "_capture", lambda x, *a: captures.append(x.shape[0]) or original(x, *a))
-    graphed = sampler.sample(14, seed=2**64 - 3, batch_size=4, start_index=5)
-    assert captures == [4, 2]
-    eager = df.DDPMSampler(net, s, cuda_graphs=False).sample(14, seed=2**64 - 3, batch_size=4, start_index=5)
-    assert torch.equal(graphed, eager)
-    assert torch.equal(sampler.sample(6, seed=1, batch_size=4), df.DDPMSampler(net, s, cuda_graphs=False).sample(
-        6, seed=1, batch_size=4))
-    assert captures == [4, 2]
+    for keep in (False, True):
+        sampler = df.DDPMSampler(net, s, cuda_graphs=True, keep_graphs=keep)
+        captures = []
+        original = sampler._capture
+        monkeypatch.setattr(sampler, "_capture", lambda x, *a, o=original, c=captures: c.append(x.shape[0]) or o(x, *a))
+        graphed = sampler.sample(14, seed=2**64 - 3, batch_size=4, start_index=5)
+        assert captures == [4, 2]
+        eager = df.DDPMSampler(net, s, cuda_graphs=False).sample(14, seed=2**64 - 3, batch_size=4, start_index=5)
+        assert torch.equal(graphed, eager)
+        assert torch.equal(sampler.sample(6, seed=1, batch_size=4),
+                           df.DDPMSampler(net, s, cuda_graphs=False).sample(6, seed=1, batch_size=4))
+        assert captures == ([4, 2] if keep else [4, 2, 4, 2])
+    sampler = df.DDPMSampler(net, s, dtype="bf16", keep_graphs=True)
+    eager = df.DDPMSampler(net, s, dtype="bf16", cuda_graphs=False)
+    assert torch.equal(sampler.sample(6, seed=1, batch_size=4), eager.sample(6, seed=1, batch_size=4))
     with torch.no_grad():
         for p in net.parameters():
             p.mul_(0.9)
-    updated = sampler.sample(6, seed=1, batch_size=4)
-    assert captures == [4, 2, 4, 2]
-    assert torch.equal(updated, df.DDPMSampler(net, s, cuda_graphs=False).sample(6, seed=1, batch_size=4))
+    assert torch.equal(sampler.sample(6, seed=1, batch_size=4), eager.sample(6, seed=1, batch_size=4))
 
 
 def run_cli(*args, env=None):

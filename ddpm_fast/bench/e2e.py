@@ -12,6 +12,9 @@ its UNet (GPU only), FastDDPMScheduler alone, accelerate() + FastDDPMScheduler (
 diffusers), and DDPMSampler in fp32 and bf16 with CUDA graphs on and off, and with graphs in
 channels_last (graphs and channels_last on CUDA only).
 MFU = achieved FLOP/s over the matmul floor of the row's dtype, measured in the same run.
+The samplers keep their CUDA graphs across calls (keep_graphs): a timed call replays them, as the
+steps of a 1000-step run do after its one capture per batch shape, which a call of a few steps
+timed whole would count many times over.
 """
 
 from __future__ import annotations
@@ -99,7 +102,7 @@ def cases(op: str, device: torch.device, quick: bool) -> Iterator[Case]:
                 # channels_last turns the module's weights: a copy, so the other rows keep NCHW
                 sampler = try_build(lambda: DDPMSampler(copy.deepcopy(ours) if channels_last else ours, dtype=dtype,
                                                         cuda_graphs=graphs, channels_last=channels_last,
-                                                        device=device).sample)
+                                                        device=device, keep_graphs=True).sample)
                 name = f"DDPMSampler {str(dtype)[6:]}" + (" graphs" if graphs else "") + (
                     " channels_last" if channels_last else "")
                 yield Case(impl=name, fn=lambda s=sampler, b=batch: s(b, seed=0, num_steps=steps),
@@ -115,7 +118,7 @@ def parallel_cases(op: str, device: torch.device, model, steps: int) -> Iterator
     for batch in (1, 8):
         common = dict(op=op, size=f"b{batch} parallel", numel=batch * 3 * 32 * 32, dtype=torch.float32, bytes=0,
                       flops=int(GFLOP_PER_IMAGE_STEP * 1e9 * batch * steps), steps=steps, images=batch)
-        seq = try_build(lambda: DDPMSampler(model, cuda_graphs=graphs, device=device).sample)
+        seq = try_build(lambda: DDPMSampler(model, cuda_graphs=graphs, device=device, keep_graphs=True).sample)
         images = {}
 
         def sequential(s=seq, b=batch):
@@ -126,7 +129,7 @@ def parallel_cases(op: str, device: torch.device, model, steps: int) -> Iterator
                    baseline=True, report=lambda: dict(rounds_per_image=float(steps), evals_per_image=float(steps),
                                                       max_err_vs_sequential=0.0), **common)
         for window in PARALLEL_WINDOWS:
-            par = try_build(lambda: DDPMSampler(model, cuda_graphs=graphs, device=device,
+            par = try_build(lambda: DDPMSampler(model, cuda_graphs=graphs, device=device, keep_graphs=True,
                                                 parallel=ParallelConfig(window=window, tol=PARALLEL_TOL)).sample)
             out = {}
 
