@@ -10,7 +10,8 @@ them) a step draws exactly DDPMScheduler's noise and gives its numbers to float3
 a few 1e-5 away from diffusers' float32 tables near both ends of the schedule.)  Without a
 generator the noise is drawn inside the kernel from the Philox contract (a seed from torch's
 global generator, sample i = batch row i).  step makes no host sync: the tables live on the
-device and t is looked up on the host.
+device and t is looked up on the host, also when set_timesteps(device=...) put the timesteps on
+the GPU (a step at one of them finds its value in a host copy).
 
 Every config DDPMScheduler accepts works.  One the kernels cannot honour (variance "learned" or
 "fixed_large_log", an unknown prediction type, or a schedule whose tables are not finite, such as
@@ -89,7 +90,8 @@ class FastDDPMScheduler(DDPMScheduler):
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]
         T = self.alphas_cumprod.numel()
-        ts = sorted({int(t) for t in self.timesteps}) if spaced else list(range(T))
+        host = [int(t) for t in self.timesteps.tolist()]  # one copy per set_timesteps, wherever they live
+        ts = sorted(set(host)) if spaced else list(range(T))
         sched = diffusers_tables(self.alphas_cumprod, ts, self.config.variance_type)
         index = {t: k for k, t in enumerate(ts)} if spaced else None
         reason = self._unsupported(sched)
@@ -98,8 +100,21 @@ class FastDDPMScheduler(DDPMScheduler):
                 warnings.warn(f"FastDDPMScheduler: {reason}; stepping with DDPMScheduler's own code", stacklevel=3)
                 self._fallback_warned = True
             sched, index = None, None
-        self._fast_cache = (key, sched, index, self.timesteps)  # holding it keeps its id unique
+        self._fast_cache = (key, sched, index, self.timesteps, host)  # holding it keeps its id unique
         return sched, index
+
+    def _host_timestep(self, timestep: Union[int, torch.Tensor]) -> int:
+        """timestep as an int, without reading the device where it need not: an element of
+        self.timesteps (what `for t in scheduler.timesteps` yields, on the GPU after
+        set_timesteps(device=...)) is found in the host copy by its place in their storage."""
+        ts = self.timesteps
+        if (isinstance(timestep, torch.Tensor) and timestep.dim() == 0 and ts.dim() == 1 and ts.numel()
+                and timestep.dtype == ts.dtype and timestep.device == ts.device
+                and timestep.untyped_storage().data_ptr() == ts.untyped_storage().data_ptr()):
+            k, r = divmod(timestep.storage_offset() - ts.storage_offset(), ts.stride(0))
+            if r == 0 and 0 <= k < ts.numel():
+                return self._fast_cache[4][k]
+        return int(timestep)
 
     def _unsupported(self, sched: NoiseSchedule) -> Optional[str]:
         cfg = self.config
@@ -116,12 +131,12 @@ class FastDDPMScheduler(DDPMScheduler):
     def step(self, model_output: torch.Tensor, timestep: Union[int, torch.Tensor], sample: torch.Tensor,
              generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
              return_dict: bool = True) -> Union[DDPMSchedulerOutput, tuple]:
-        t = int(timestep)  # timesteps live on the host in diffusers' loops: no device sync
+        sched, index = self._fast_schedule()
+        t = self._host_timestep(timestep)
         model_output = model_output.to(sample.dtype)
         variance = VARIANCE.get(self.variance_type)
         learned = self.variance_type in ("learned", "learned_range")
         split = learned and model_output.shape[1] == sample.shape[1] * 2
-        sched, index = self._fast_schedule()
         k = None if sched is None else (t if index is None else index.get(t))
         if k is None or (k == 0 and t > 0) or (variance == "learned_range" and not split):
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)

@@ -90,14 +90,36 @@ def test_cuda_step_matches_ddpm_scheduler(cfg, spacing):
     run_both(cfg, spacing, 2, shape=(3, 3, 7, 5), device="cuda")
 
 
+def test_a_timestep_is_read_from_the_host_copy_of_the_timesteps():
+    """step's t: an element of scheduler.timesteps is found in a host copy by its place in their
+    storage (no device read on a GPU); anything else is read as it is.  The copy follows
+    set_timesteps and in-place changes."""
+    fast = FastDDPMScheduler()
+    fast.set_timesteps(25)
+    fast._fast_schedule()
+    assert [fast._host_timestep(t) for t in fast.timesteps] == fast.timesteps.tolist()
+    assert fast._host_timestep(fast.timesteps[::2][3]) == int(fast.timesteps[6])
+    for other in (7, torch.tensor(7), fast.timesteps[4].clone(), fast.timesteps.double()[4], fast.timesteps[4:5]):
+        assert fast._host_timestep(other) == int(other)
+    fast.timesteps[4] = 3
+    fast._fast_schedule()
+    assert fast._host_timestep(fast.timesteps[4]) == 3
+    fast.set_timesteps(10)
+    fast._fast_schedule()
+    assert [fast._host_timestep(t) for t in fast.timesteps] == fast.timesteps.tolist()
+
+
 @requires_cuda
 @pytest.mark.cuda
+@pytest.mark.parametrize("where", ["host", "device"], ids=["host timesteps", "device timesteps"])
 @pytest.mark.parametrize("generator", ["philox", "cuda generator"])
-def test_cuda_step_makes_no_host_sync(generator):
+def test_cuda_step_makes_no_host_sync(generator, where):
     """Every step of a 50-step loop under torch.cuda.set_sync_debug_mode("error"), which raises at any
-    implicit sync; the first step, which builds the tables and copies them over, runs before it."""
+    implicit sync; the first step, which builds the tables and copies them over, runs before it.
+    The timesteps on the host, as DDPMPipeline sets them, or on the GPU, as set_timesteps(device=...)
+    puts them in other pipelines."""
     fast = FastDDPMScheduler()
-    fast.set_timesteps(50)  # on the host, as DDPMPipeline sets them
+    fast.set_timesteps(50, device="cuda" if where == "device" else None)
     x = torch.randn(4, 3, 8, 8, device="cuda")
     out = torch.randn_like(x)
     g = torch.Generator("cuda").manual_seed(3) if generator == "cuda generator" else None
