@@ -65,10 +65,12 @@
 #   bash benchmarks/build_for_device.sh   # the extension for torch 2.11/Python 3.12/sm_90 (~10 min on
 #                                         # 2 cores) and the wheels the machines lack, in .whl/
 # then, carrying what its last line names, [".whl", "ddpm_fast/_C.cpython-312-x86_64-linux-gnu.so"]:
-#   1. WHEELS=.whl BUDGET_S=540 TESTS_CAP_S=330 TEST_MARKERS='(cuda or triton) and not compile_only' \
+#   1. WHEELS=.whl TORCH_CUDA_ARCH_LIST=9.0 BUDGET_S=540 TESTS_CAP_S=330 \
+#        TEST_MARKERS='(cuda or triton) and not compile_only' \
 #        bash benchmarks/gpu_validate.sh --stage build+tests,sanitize,pack $OUT
-#      (timeout_s 600; the build stage finds the carried extension and takes seconds; CI runs the
-#      CPU-only tests; the sanitizers share the ~190 s left)
+#      (timeout_s 600; the build stage finds the carried extension and takes seconds, or, should
+#      check_build refuse it there, rebuilds it for sm_90 alone; CI runs the CPU-only tests; the
+#      sanitizers share the ~190 s left)
 #   2. at once (a machine stays warm 30 s, and a fresh one does not start with under 4 minutes left),
 #      carrying the same two paths again, with B = status's budget_left_s - 30 and timeout_s B + 25:
 #      WHEELS=.whl TORCH_CUDA_ARCH_LIST=9.0 BUDGET_S=B BENCH_ONLY=p_step,q_sample,group_norm \
