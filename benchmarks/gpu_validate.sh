@@ -20,12 +20,14 @@
 #                none marked `triton` (the compile gate's, which run on a CPU, not counted), ran
 #                                                          (OUT/build.log, OUT/tests.log, OUT/tests.xml)
 #   sanitize     compute-sanitizer memcheck (half of the time left), then racecheck (the rest; a tool
-#                left with under a minute is not run, and fails), over benchmarks/cuda_smoke.py with
-#                PYTORCH_NO_CUDA_MEMORY_CACHING=1: behind the caching allocator memcheck cannot see a
-#                read past a tensor's end that stays inside a cached block; each judged by
-#                benchmarks/sanitizer_verdict.py (the smoke exited 0, the tool's summary is there and
-#                counts no memory error or hazard; CUDA API errors, some of which PyTorch makes on
-#                purpose, are named, not counted)               (OUT/memcheck.log, OUT/racecheck.log)
+#                left with under a minute is not run, and fails), over benchmarks/cuda_smoke.py's
+#                CUDA kernels, then, with a minute or more left, memcheck over its Triton kernels
+#                (left out with a note otherwise), each with PYTORCH_NO_CUDA_MEMORY_CACHING=1: behind
+#                the caching allocator memcheck cannot see a read past a tensor's end that stays
+#                inside a cached block; each judged by benchmarks/sanitizer_verdict.py (the smoke
+#                exited 0, the tool's summary is there and counts no memory error or hazard; CUDA API
+#                errors, some of which PyTorch makes on purpose, are named, not counted)
+#                                 (OUT/memcheck.log, OUT/racecheck.log, OUT/memcheck-triton.log)
 #   profile      Nsight Compute (ncu --clock-control none) over one call of each fused kernel, CUDA and
 #                Triton, at the benchmarks' shapes: benchmarks/profile_kernels.py, its CSVs and a table
 #                of every launch's key figures in OUT/profile/ncu-summary.md (OUT/profile.log)
@@ -402,8 +404,10 @@ stage_build_tests() {
 
 stage_sanitize() {
   begin sanitize
-  local tool t rc logs=()
-  for t in memcheck racecheck; do : >"$OUT/$t.log"; logs+=("$OUT/$t.log"); done
+  local tool run t backend log rc logs=()
+  # RUN = tool:backend:log; the last, the Triton kernels under memcheck, runs only with the time left
+  local runs=(memcheck:cuda:memcheck racecheck:cuda:racecheck memcheck:triton:memcheck-triton)
+  for run in "${runs[@]}"; do : >"$OUT/${run##*:}.log"; logs+=("$OUT/${run##*:}.log"); done
   if ! chk "$OUT/memcheck.log" "the CUDA extension is built and a GPU is visible" check_cuda_ready; then
     fail "$CHECK_MSG"; end "${logs[@]}"; return
   fi
@@ -411,26 +415,31 @@ stage_sanitize() {
   if [ "$DRY_RUN" = 0 ] && ! tool=$(find_tool compute-sanitizer); then
     fail "compute-sanitizer not found (PATH, CUDA_HOME/bin, /usr/local/cuda/bin, nvidia wheels)"; end "${logs[@]}"; return
   fi
-  for t in memcheck racecheck; do
+  for run in "${runs[@]}"; do
+    IFS=: read -r t backend log <<<"$run"
+    log=$OUT/$log.log
     local t1=$SECONDS cap=300
-    # memcheck gets half of what is left, so racecheck is not left with nothing; one with under a
-    # minute would not get past importing torch under the sanitizer
-    [ "$t" = memcheck ] && [ "$BUDGET_S" -gt 0 ] && cap=$(( $(limit_for 600) / 2 ))
+    # the CUDA memcheck gets half of what is left, so racecheck is not left with nothing; a run with
+    # under a minute would not get past importing torch under the sanitizer
+    [ "$run" = memcheck:cuda:memcheck ] && [ "$BUDGET_S" -gt 0 ] && cap=$(( $(limit_for 600) / 2 ))
     cap=$(limit_for "$cap")
     if [ "$DRY_RUN" = 0 ] && [ "$BUDGET_S" -gt 0 ] && [ "$cap" -lt 60 ]; then
-      echo "not run: ${cap}s left in BUDGET_S=$BUDGET_S" >>"$OUT/$t.log"; fail "$t not run (${cap}s left)"; continue
+      echo "not run: ${cap}s left in BUDGET_S=$BUDGET_S" >>"$log"
+      if [ "$backend" = cuda ]; then fail "$t not run (${cap}s left)"; else note "$t $backend not run (${cap}s left)"; fi
+      continue
     fi
     # no --error-exitcode: rc is the smoke's own, and the verdict reads the tool's summary
-    cmd "$OUT/$t.log" "$cap" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$tool" --tool "$t" "$PY" benchmarks/cuda_smoke.py
+    cmd "$log" "$cap" env -u TRITON_INTERPRET PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$tool" --tool "$t" \
+      "$PY" benchmarks/cuda_smoke.py --backend "$backend"
     rc=$?
     if [ "$DRY_RUN" = 1 ]; then
       :
-    elif chk "$OUT/$t.log" "$t: the smoke exited 0 and the summary counts no memory error or hazard" \
-        "$PY" benchmarks/sanitizer_verdict.py "$t" "$OUT/$t.log" "$rc"; then
-      note "$t ok $((SECONDS - t1))s: $CHECK_MSG"
+    elif chk "$log" "$t $backend: the smoke exited 0 and the summary counts no memory error or hazard" \
+        "$PY" benchmarks/sanitizer_verdict.py "$t" "$log" "$rc"; then
+      note "$t $backend ok $((SECONDS - t1))s: $CHECK_MSG"
     else
-      fail "$t FAIL $((SECONDS - t1))s (rc $rc$([ $rc -eq 124 ] && echo ', timed out')): $CHECK_MSG"
-      grep -q 'Device not supported' "$OUT/$t.log" 2>/dev/null \
+      fail "$t $backend FAIL $((SECONDS - t1))s (rc $rc$([ $rc -eq 124 ] && echo ', timed out')): $CHECK_MSG"
+      grep -q 'Device not supported' "$log" 2>/dev/null \
         && note "compute-sanitizer says 'Device not supported' (seen on gVisor machines; Firecracker ones work)"
     fi
   done

@@ -74,17 +74,20 @@ def test_dry_run_all_stages(tmp_path):
     assert "-u TRITON_INTERPRET" in pytest_cmd and "TRITON_INTERPRET=1" not in pytest_cmd
     assert "OMP_NUM_THREADS=2" in pytest_cmd and re.search(r" -m not\\ compile_only ", pytest_cmd)
     assert f"--junitxml={out}/tests.xml" in pytest_cmd
-    for tool in ("memcheck", "racecheck"):
-        line = next(line for line in r.stdout.splitlines() if f"--tool {tool}" in line)
-        assert "PYTORCH_NO_CUDA_MEMORY_CACHING=1" in line and line.endswith("benchmarks/cuda_smoke.py")
+    sanitizers = [line for line in r.stdout.splitlines() if " --tool " in line]
+    assert [re.search(r"--tool (\w+) .* --backend (\w+)$", line).groups() for line in sanitizers] == [
+        ("memcheck", "cuda"), ("racecheck", "cuda"), ("memcheck", "triton")]
+    for line in sanitizers:
+        assert "PYTORCH_NO_CUDA_MEMORY_CACHING=1" in line and "-u TRITON_INTERPRET" in line
+        assert "benchmarks/cuda_smoke.py --backend" in line
     profile = next(line for line in r.stdout.splitlines() if "profile_kernels.py" in line)
     assert profile.endswith(f"benchmarks/profile_kernels.py --ncu ncu {out}/profile")
     bench = next(line for line in r.stdout.splitlines() if " -m ddpm_fast bench" in line)
     assert "--quick" not in bench and f"--out {out}" in bench and "--device cuda" in bench
     assert re.search(r"timeout -s INT -k 15 \d+ ", bench)
     # placeholder logs, packed
-    logs = {"gpu_env.txt", "build.log", "tests.log", "memcheck.log", "racecheck.log", "profile.log", "bench.log",
-            "summary.txt"}
+    logs = {"gpu_env.txt", "build.log", "tests.log", "memcheck.log", "racecheck.log", "memcheck-triton.log",
+            "profile.log", "bench.log", "summary.txt"}
     assert logs <= members(out / "gpu-results.tar.gz")
     assert "gpu-results.tar.gz" not in members(out / "gpu-results.tar.gz")
     lines = (out / "summary.txt").read_text().splitlines()
