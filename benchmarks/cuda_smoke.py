@@ -21,9 +21,10 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backend", default="cuda", choices=["cuda", "triton", "cpu"])
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cpu for --backend cpu, else cuda")
     args = p.parse_args(argv)
-    backend, dev = args.backend, args.device
+    backend = args.backend
+    dev = args.device or ("cpu" if backend == "cpu" else "cuda")
     status = df.available_backends()[backend]
     if status is not True:
         print(f"{backend} backend unavailable: {status}")

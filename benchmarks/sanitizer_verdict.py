@@ -7,10 +7,12 @@ Prints one line; exit status 0 for a clean run, 1 otherwise.
 memcheck's ERROR SUMMARY counts every CUDA API call that returned an error, and PyTorch makes some
 on purpose (probes whose error it clears).  Our own CUDA calls are all checked (C10_CUDA_CHECK,
 C10_CUDA_KERNEL_LAUNCH_CHECK), so one of them failing raises and the smoke exits non-zero.  A run is
-clean when the smoke exited 0, the log holds the tool's summary (the tool ran to its end), and every
-error of the summary is an API error the log names (memcheck: none left for memory accesses; more
-errors than lines printed count as memory errors) or there is no hazard error (racecheck).  The API
-errors and racecheck's warnings are named in the verdict, which says they are not counted.
+clean when the smoke exited 0 and printed its last line ("<backend> smoke: all ok": it ran), the
+tool reported no error of its own ("========= Error: ...", such as no process to attach to), the
+log holds the tool's summary (the tool ran to its end), and every error of the summary is an API
+error the log names (memcheck: none left for memory accesses; more errors than lines printed count
+as memory errors) or there is no hazard error (racecheck).  The API errors and racecheck's warnings
+are named in the verdict, which says they are not counted.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Tuple
 API_ERROR = re.compile(r"Program hit (\w+) \(error \d+\).*? on CUDA API call to (\w+)")
 MEMCHECK_SUMMARY = re.compile(r"ERROR SUMMARY: (\d+) errors?")
 RACECHECK_SUMMARY = re.compile(r"RACECHECK SUMMARY: (\d+) hazards? displayed \((\d+) errors?, (\d+) warnings?\)")
+SMOKE_DONE = re.compile(r"^\w+ smoke: all ok$", re.M)
+TOOL_ERROR = re.compile(r"^=+ (?:Internal )?Error: (?!Race reported)(.*)$", re.M)  # a racecheck hazard is counted
 
 
 def _api_note(api: Counter) -> str:
@@ -51,6 +55,11 @@ def verdict(tool: str, text: str, rc: int) -> Tuple[bool, str]:
         raise ValueError(f"tool: expected memcheck or racecheck, got {tool!r}")
     if rc != 0:
         return False, f"cuda_smoke.py exited {rc} (a check failed or raised: see the log); {found}"
+    tool_error = TOOL_ERROR.search(text)
+    if tool_error:
+        return False, f"{tool} reported an error of its own: {tool_error.group(1).strip()}; {found}"
+    if not SMOKE_DONE.search(text):
+        return False, f"no 'smoke: all ok' line: cuda_smoke.py did not run to its end under {tool}; {found}"
     return clean, found
 
 

@@ -77,6 +77,21 @@ def diffusers_tables(alphas_cumprod: torch.Tensor, timesteps: Sequence[int], var
     return NoiseSchedule.from_tables(tables)
 
 
+def _version_of(t: torch.Tensor) -> Optional[int]:
+    """t's in-place version; None for an inference tensor (made under torch.inference_mode, as
+    set_timesteps is inside a pipeline so wrapped), which keeps no version."""
+    return None if t.is_inference() else t._version
+
+
+def _element_index(t: torch.Tensor, ts: torch.Tensor) -> Optional[int]:
+    """k where the 0-dim t is the view ts[k] of the 1-D ts (same storage, dtype and device), else None."""
+    if not (t.dim() == 0 and ts.dim() == 1 and ts.numel() and ts.stride(0) > 0 and t.dtype == ts.dtype
+            and t.device == ts.device and t.untyped_storage().data_ptr() == ts.untyped_storage().data_ptr()):
+        return None
+    k, r = divmod(t.storage_offset() - ts.storage_offset(), ts.stride(0))
+    return k if r == 0 and 0 <= k < ts.numel() else None
+
+
 class FastDDPMScheduler(DDPMScheduler):
     def _fast_schedule(self):
         """(tables over the current timesteps, {t: its index} or None when unspaced), built once
@@ -84,7 +99,7 @@ class FastDDPMScheduler(DDPMScheduler):
         does not walk all T timesteps in Python.  (None, None) when the kernels cannot honour
         this config."""
         spaced = bool(self.num_inference_steps or self.custom_timesteps)
-        key = (spaced, id(self.timesteps), self.timesteps.data_ptr(), self.timesteps._version,
+        key = (spaced, id(self.timesteps), self.timesteps.data_ptr(), _version_of(self.timesteps),
                self.config.variance_type, self.config.prediction_type)
         cached = getattr(self, "_fast_cache", None)
         if cached is not None and cached[0] == key:
@@ -105,14 +120,13 @@ class FastDDPMScheduler(DDPMScheduler):
 
     def _host_timestep(self, timestep: Union[int, torch.Tensor]) -> int:
         """timestep as an int, without reading the device where it need not: an element of
-        self.timesteps (what `for t in scheduler.timesteps` yields, on the GPU after
-        set_timesteps(device=...)) is found in the host copy by its place in their storage."""
-        ts = self.timesteps
-        if (isinstance(timestep, torch.Tensor) and timestep.dim() == 0 and ts.dim() == 1 and ts.numel()
-                and timestep.dtype == ts.dtype and timestep.device == ts.device
-                and timestep.untyped_storage().data_ptr() == ts.untyped_storage().data_ptr()):
-            k, r = divmod(timestep.storage_offset() - ts.storage_offset(), ts.stride(0))
-            if r == 0 and 0 <= k < ts.numel():
+        self.timesteps on a GPU (what `for t in scheduler.timesteps` yields after
+        set_timesteps(device=...)) is found in the host copy by its place in their storage.  The
+        copy follows set_timesteps and in-place writes that move the tensor's version; a write
+        around it (through .data, numpy or DLPack) to device timesteps needs set_timesteps again."""
+        if isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu":
+            k = _element_index(timestep, self.timesteps)
+            if k is not None:
                 return self._fast_cache[4][k]
         return int(timestep)
 
@@ -180,7 +194,7 @@ class FastDDPMScheduler(DDPMScheduler):
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
                   timesteps: torch.IntTensor) -> torch.Tensor:
-        key = (id(self.alphas_cumprod), self.alphas_cumprod._version)
+        key = (id(self.alphas_cumprod), _version_of(self.alphas_cumprod))
         cached = getattr(self, "_fast_add_noise", None)
         if cached is None or cached[0] != key:
             T = self.alphas_cumprod.numel()

@@ -62,6 +62,48 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
+# torch's settings that choose the kernels a capture bakes in.  The precision ones are read through
+# both APIs: torch refuses a legacy read once the new fp32_precision API has been used, and older torch
+# has only the legacy one; a setting made through either moves a read that works.
+_SETTINGS = (lambda: torch.backends.cudnn.allow_tf32, lambda: torch.backends.cudnn.conv.fp32_precision,
+             lambda: torch.get_float32_matmul_precision(), lambda: torch.backends.cuda.matmul.fp32_precision,
+             lambda: torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
+             lambda: torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
+             lambda: torch.backends.cudnn.enabled, lambda: torch.backends.cudnn.deterministic,
+             lambda: torch.backends.cudnn.benchmark, torch.are_deterministic_algorithms_enabled,
+             torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.mem_efficient_sdp_enabled,
+             torch.backends.cuda.math_sdp_enabled)
+
+
+def _kernel_settings() -> tuple:
+    out = []
+    for read in _SETTINGS:
+        try:
+            out.append(read())
+        except (RuntimeError, AttributeError):
+            out.append(None)
+    return tuple(out)
+
+
+class _Captures(dict):
+    """The captures by shape, recording which ones a call used: a kept sampler drops the others
+    before its next call, so captures of batch shapes no longer sampled do not pile up."""
+
+    def __init__(self):
+        super().__init__()
+        self.used = set()
+
+    def __getitem__(self, key):
+        self.used.add(key)
+        return super().__getitem__(key)
+
+    def start_call(self) -> "_Captures":
+        for key in set(self) - self.used:
+            del self[key]
+        self.used = set()
+        return self
+
+
 class DDPMSampler:
     def __init__(self, model: Union[torch.nn.Module, Callable], schedule: Optional[NoiseSchedule] = None, *,
                  prediction: str = "epsilon", variance: Optional[str] = None, clip_sample: bool = True,
@@ -211,12 +253,9 @@ class DDPMSampler:
         tensors = [*self.model.parameters(), *self.model.buffers()]
         if any(t.is_inference() for t in tensors):
             return None
-        settings = (torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision(),
-                    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
-                    torch.are_deterministic_algorithms_enabled())
         return (id(self.schedule), tuple(ts), tuple(m.training for m in self.model.modules()), self.backend,
                 self.dtype, self.channels_last, tuple(sorted(self.options.items())),
-                None if self.parallel is None else (self.parallel, seed), settings,
+                None if self.parallel is None else (self.parallel, seed), _kernel_settings(),
                 tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in tensors))
 
     def _call_state(self, num_steps: Optional[int], seed: int):
@@ -225,11 +264,12 @@ class DDPMSampler:
         sched, ts = self._plan(num_steps)
         key = self._graph_key(ts, seed)
         if key is not None and self._kept is not None and self._kept[0] == key:
-            return self._kept[1:4]
+            tables, t_model, graphs = self._kept[1:4]
+            return tables, t_model, graphs.start_call()
         self._kept = None  # stale captures go before new ones take memory
         tables = sched.to(self.device)  # built once: no host copy per step
         t_model = torch.tensor(ts, dtype=torch.long, device=self.device)
-        graphs = {}  # sample (or window state) shape -> captured step, reused by every batch of that shape
+        graphs = _Captures()  # sample (or window state) shape -> captured step, reused by every batch of that shape
         if key is not None:  # the schedule is held so that its id in the key stays its own
             self._kept = (key, tables, t_model, graphs, self.schedule)
         return tables, t_model, graphs

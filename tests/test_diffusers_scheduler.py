@@ -90,23 +90,37 @@ def test_cuda_step_matches_ddpm_scheduler(cfg, spacing):
     run_both(cfg, spacing, 2, shape=(3, 3, 7, 5), device="cuda")
 
 
-def test_a_timestep_is_read_from_the_host_copy_of_the_timesteps():
-    """step's t: an element of scheduler.timesteps is found in a host copy by its place in their
-    storage (no device read on a GPU); anything else is read as it is.  The copy follows
-    set_timesteps and in-place changes."""
+def test_a_timestep_is_found_among_the_timesteps_by_its_place_in_their_storage():
+    """How step finds a GPU timestep's value in the host copy without reading the device (here on
+    CPU tensors, where step itself just reads them): an element view of the timesteps gives its
+    index, anything else None."""
+    from ddpm_fast.diffusers import _element_index
+
     fast = FastDDPMScheduler()
     fast.set_timesteps(25)
-    fast._fast_schedule()
-    assert [fast._host_timestep(t) for t in fast.timesteps] == fast.timesteps.tolist()
-    assert fast._host_timestep(fast.timesteps[::2][3]) == int(fast.timesteps[6])
-    for other in (7, torch.tensor(7), fast.timesteps[4].clone(), fast.timesteps.double()[4], fast.timesteps[4:5]):
-        assert fast._host_timestep(other) == int(other)
-    fast.timesteps[4] = 3
-    fast._fast_schedule()
-    assert fast._host_timestep(fast.timesteps[4]) == 3
-    fast.set_timesteps(10)
-    fast._fast_schedule()
-    assert [fast._host_timestep(t) for t in fast.timesteps] == fast.timesteps.tolist()
+    ts = fast.timesteps
+    assert [_element_index(t, ts) for t in ts] == list(range(25))
+    assert _element_index(ts[::2][3], ts) == 6 and _element_index(ts[5], ts[3:]) == 2
+    assert _element_index(ts[2], ts[3:]) is None and _element_index(ts[5], ts[::2]) is None
+    assert _element_index(ts.view(5, 5)[1, 2], ts) == 7  # another view of the same element
+    for other in (torch.tensor(7), ts[4].clone(), ts.double()[4], ts[4:5]):
+        assert _element_index(other, ts) is None
+    assert _element_index(torch.tensor(900).expand(1)[0], torch.tensor(900).expand(1)) is None  # stride 0
+
+
+def test_set_timesteps_under_inference_mode():
+    """Inference tensors keep no version: the schedule's cache key does without it."""
+    ref, fast = diffusers.DDPMScheduler(), FastDDPMScheduler()
+    x, out = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    with torch.inference_mode():
+        for s in (ref, fast):
+            s.set_timesteps(10)
+        for t in fast.timesteps[:3]:
+            g = [torch.Generator().manual_seed(int(t)) for _ in range(2)]
+            a, b = ref.step(out, t, x, generator=g[0]), fast.step(out, t, x, generator=g[1])
+            assert rel_err(b.prev_sample, a.prev_sample) < 1e-6
+        noisy = fast.add_noise(x, out, fast.timesteps[:2])
+        assert rel_err(noisy, ref.add_noise(x, out, ref.timesteps[:2])) < 1e-6
 
 
 @requires_cuda
@@ -114,23 +128,31 @@ def test_a_timestep_is_read_from_the_host_copy_of_the_timesteps():
 @pytest.mark.parametrize("where", ["host", "device"], ids=["host timesteps", "device timesteps"])
 @pytest.mark.parametrize("generator", ["philox", "cuda generator"])
 def test_cuda_step_makes_no_host_sync(generator, where):
-    """Every step of a 50-step loop under torch.cuda.set_sync_debug_mode("error"), which raises at any
-    implicit sync; the first step, which builds the tables and copies them over, runs before it.
-    The timesteps on the host, as DDPMPipeline sets them, or on the GPU, as set_timesteps(device=...)
-    puts them in other pipelines."""
-    fast = FastDDPMScheduler()
-    fast.set_timesteps(50, device="cuda" if where == "device" else None)
-    x = torch.randn(4, 3, 8, 8, device="cuda")
-    out = torch.randn_like(x)
-    g = torch.Generator("cuda").manual_seed(3) if generator == "cuda generator" else None
-    fast.step(out, fast.timesteps[0], x, generator=g)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for t in fast.timesteps:
-            x = fast.step(out, t, x, generator=g).prev_sample
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    """Every step of a 50-step loop but the first (which builds the tables and copies them over)
+    under torch.cuda.set_sync_debug_mode("error"), which raises at any implicit sync.  The timesteps
+    on the host, as DDPMPipeline sets them, or on the GPU, as set_timesteps(device=...) puts them in
+    other pipelines: the same images as a loop that reads host timesteps, so each GPU timestep was
+    found in the host copy as the value it holds."""
+    x0 = torch.randn(4, 3, 8, 8, device="cuda")
+    out = torch.randn_like(x0)
+
+    def loop(device, debug):
+        torch.manual_seed(0)  # the Philox seed the scheduler draws
+        fast = FastDDPMScheduler()
+        fast.set_timesteps(50, device=device)
+        g = torch.Generator("cuda").manual_seed(3) if generator == "cuda generator" else None
+        x = fast.step(out, fast.timesteps[0], x0, generator=g).prev_sample
+        torch.cuda.set_sync_debug_mode("error" if debug else "default")
+        try:
+            for t in fast.timesteps[1:]:
+                x = fast.step(out, t, x, generator=g).prev_sample
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return x
+
+    x = loop("cuda" if where == "device" else None, debug=True)
     assert x.is_cuda and torch.isfinite(x).all()
+    assert torch.equal(x, loop(None, debug=False))
 
 
 def toy_model(x, t, variance):

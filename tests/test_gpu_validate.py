@@ -1,5 +1,6 @@
 """benchmarks/gpu_validate.sh, exercised through --dry-run: argument parsing, stage selection, the
-commands it would run, one summary line per stage, and the real pack step.  Runs no GPU work."""
+commands it would run, one summary line per stage, and the real pack step; and the sanitize stage's
+real path with stand-ins for compute-sanitizer and the GPU.  Runs no GPU work."""
 
 import os
 import re
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ta
 
 def run(args, cwd, **env):
     e = {k: v for k, v in os.environ.items() if k not in ("WHEELS", "BUDGET_S")}
-    e.update(PYTHON=sys.executable, **env)
+    e.update({"PYTHON": sys.executable, **env})
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=cwd, env=e, capture_output=True, text=True, timeout=60)
 
 
@@ -144,3 +145,51 @@ def test_a_real_pack_leaves_the_tarball_and_the_summary(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["gpu-results.tar.gz", "summary.txt"]
     assert {"tests.log", "tests.xml", "memcheck.log", "racecheck.log", "profile/ncu-summary.md", "gpu_env.txt",
             "summary.txt"} <= members(out / "gpu-results.tar.gz")
+
+
+def fake_gpu_tools(tmp_path, memcheck_errors=0):
+    """A compute-sanitizer that runs its command and prints a clean (or not) summary, and a PYTHON
+    whose CUDA check passes and whose cuda_smoke.py prints its last line: the sanitize stage's real
+    path (no --dry-run) on a machine without a GPU."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sanitizer = bin_dir / "compute-sanitizer"
+    sanitizer.write_text(f"""#!/usr/bin/env bash
+tool=$2; shift 2
+echo "========= COMPUTE-SANITIZER"
+"$@"; rc=$?
+if [ "$tool" = memcheck ]; then
+  for _ in $(seq {memcheck_errors}); do echo "========= Invalid __global__ read of size 4 bytes"; done
+  echo "========= ERROR SUMMARY: {memcheck_errors} errors"
+else
+  echo "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)"
+fi
+exit $rc
+""")
+    python = bin_dir / "python"
+    python.write_text(f"""#!/usr/bin/env bash
+case "$*" in
+  *cuda_status*) echo "BUILD_INFO: fake"; exit 0 ;;
+  *cuda_smoke.py*) echo "$3 smoke: all ok"; exit 0 ;;
+esac
+exec {sys.executable} "$@"
+""")
+    for f in (sanitizer, python):
+        f.chmod(0o755)
+    return dict(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHON=str(python))
+
+
+@pytest.mark.parametrize("budget, errors, status, notes", [
+    (600, 0, "ok", ["memcheck cuda ok", "racecheck cuda ok", "memcheck triton ok"]),
+    # with under two minutes left after the CUDA runs, the optional Triton one is left out with a note
+    (130, 0, "ok", ["memcheck cuda ok", "racecheck cuda ok", "memcheck triton not run"]),
+    (600, 2, "FAIL", ["memcheck cuda FAIL", "2 memory error(s)", "racecheck cuda ok", "memcheck triton FAIL"]),
+])
+def test_sanitize_judges_each_run_by_its_log(tmp_path, budget, errors, status, notes):
+    r = run(["--stage", "sanitize", "out"], cwd=tmp_path, BUDGET_S=str(budget), **fake_gpu_tools(tmp_path, errors))
+    got, _ = summary(r.stdout)
+    assert got == {"sanitize": status}, r.stdout + r.stderr
+    line = next(line for line in r.stdout.splitlines() if line.startswith("stage sanitize:"))
+    for note in notes:
+        assert note in line, line
+    assert "--backend triton" in (tmp_path / "out" / "memcheck-triton.log").read_text() or "not run" in line

@@ -220,6 +220,35 @@ def test_kept_captures_start_anew_when_what_they_read_changes(gen):
         df.DDPMSampler(net, keep_graphs=1)
 
 
+def test_kept_captures_of_shapes_the_last_call_did_not_use_are_dropped():
+    from ddpm_fast.sampler import _Captures
+
+    graphs = _Captures()
+    graphs["a"], graphs["b"] = 1, 2
+    assert graphs["a"] == 1  # the call used a and captured b without replaying it
+    assert graphs.start_call() is graphs and dict(graphs) == {"a": 1}
+    assert dict(graphs.start_call()) == {}  # the next call used nothing
+
+
+def test_the_graph_key_reads_torch_settings_set_through_either_api():
+    """Once torch's new fp32_precision API has been used, a legacy read raises: the key must still
+    read, and move with the setting (in a process of its own: the settings are global)."""
+    code = """
+import torch
+from ddpm_fast.sampler import _kernel_settings
+a = _kernel_settings()
+torch.backends.cuda.matmul.fp32_precision = "tf32"
+b = _kernel_settings()
+torch.backends.cudnn.conv.fp32_precision = "ieee"
+c = _kernel_settings()
+torch.backends.cudnn.allow_tf32 = True
+assert a != b != c != _kernel_settings(), (a, b, c)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert r.returncode == 0, r.stderr
+
+
 @requires_cuda
 @pytest.mark.cuda
 def test_cuda_graphs_one_capture_per_batch_size(gen, monkeypatch):

@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from sanitizer_verdict import verdict  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "sanitizer_verdict.py"
-SMOKE = "philox_randn torch.float32: max abs diff 0.00e+00 ok\n"
+SMOKE = "philox_randn torch.float32: max abs diff 0.00e+00 ok\ncuda smoke: all ok\n"
 API = ('========= Program hit cudaErrorInvalidValue (error 1) due to "invalid argument" on CUDA API call to '
        'cudaFuncSetAttribute.\n=========     Saved host backtrace up to driver entry point at error\n'
        '=========     Host Frame: [0x480996]\n=========                in /lib/x86_64-linux-gnu/libcuda.so.1\n')
@@ -32,6 +32,10 @@ def log(*parts, summary):
     (log(API, API, summary="ERROR SUMMARY: 250 errors"), 0, False, "248 memory error(s)"),
     (log(summary="ERROR SUMMARY: 0 errors"), 1, False, "cuda_smoke.py exited 1"),
     ("========= COMPUTE-SANITIZER\n" + SMOKE + "TIMED OUT after 90s\n", 124, False, "no ERROR SUMMARY"),
+    # a clean summary of a run that checked nothing
+    ("========= COMPUTE-SANITIZER\n========= ERROR SUMMARY: 0 errors\n", 0, False, "did not run to its end"),
+    ("========= COMPUTE-SANITIZER\n========= Error: No attachable process found. compute-sanitizer timed-out.\n"
+     + SMOKE + "========= ERROR SUMMARY: 0 errors\n", 0, False, "an error of its own: No attachable process found"),
 ])
 def test_memcheck(text, rc, clean, says):
     ok, why = verdict("memcheck", text, rc)
@@ -41,6 +45,9 @@ def test_memcheck(text, rc, clean, says):
 @pytest.mark.parametrize("summary, rc, clean, says", [
     ("RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)", 0, True, "0 hazard error(s)"),
     ("RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)", 0, False, "1 hazard error(s)"),
+    ("Error: Race reported between Write access at gn_stats+0x1a0\n=========     and Read access at "
+     "gn_stats+0x1c0 [4 hazards]\n========= RACECHECK SUMMARY: 1 hazard displayed (1 error, 0 warnings)", 0, False,
+     "1 hazard error(s)"),
     ("RACECHECK SUMMARY: 3 hazards displayed (0 errors, 3 warnings)", 0, True, "3 hazard warning(s) (not counted)"),
     ("RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)", 1, False, "cuda_smoke.py exited 1"),
     ("ERROR SUMMARY: 0 errors", 0, False, "no RACECHECK SUMMARY"),
