@@ -259,7 +259,7 @@ class DDPMSampler:
                 tuple((t.data_ptr(), t._version, t.dtype, tuple(t.shape)) for t in tensors))
 
     def _call_state(self, num_steps: Optional[int], seed: int):
-        """(the schedule's device tables, the model's timesteps, the captures by batch size) for a
+        """(the schedule's device tables, the model's timesteps, the captures by shape) for a
         sample() call: those of the previous call where its captures are still valid, else new."""
         sched, ts = self._plan(num_steps)
         key = self._graph_key(ts, seed)
