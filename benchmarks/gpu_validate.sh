@@ -422,8 +422,8 @@ stage_sanitize() {
     # the CUDA memcheck gets half of what is left (a minute at least, where there is one), so
     # racecheck is not left with nothing; a run with under a minute would not get past importing
     # torch under the sanitizer, and the Triton one, optional, also compiles its kernels first
-    left=$(limit_for 600)
     if [ "$run" = memcheck:cuda:memcheck ] && [ "$BUDGET_S" -gt 0 ]; then
+      left=$(limit_for 600)
       cap=$((left / 2)); [ "$cap" -lt 60 ] && cap=$((left < 60 ? left : 60))
     fi
     cap=$(limit_for "$cap")
