@@ -29,7 +29,7 @@ TORCH_LIBRARY(ddpm_fast, m) {
         "int prediction, int variance, int form, bool clip_sample, float clip_range) -> (Tensor, Tensor)");
   // y = act(GN(x + add) * (1 + scale) + shift); weight, bias [C] and add, scale, shift [B, C] float32.
   // Returns (y, mean, rstd): float32 [B, G] statistics of x + add for the backward, the mean taken
-  // relative to the group's first value (csrc/include/ddpm_fast/group_norm.h).
+  // relative to the group's pivot, one of its values (csrc/include/ddpm_fast/group_norm.h).
   m.def("group_norm(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, Tensor? add, "
         "Tensor? scale, Tensor? shift, bool silu, bool channels_last) -> (Tensor, Tensor, Tensor)");
   // Its backward (csrc/include/ddpm_fast/group_norm.h): (dx, sums), sums float32 [3, B, C] holding

@@ -117,6 +117,17 @@ def layout(x: torch.Tensor, kind: str) -> torch.Tensor:
     return x.contiguous()
 
 
+def gn_with_outlier(x: torch.Tensor, G: int, place: str, value: float) -> torch.Tensor:
+    """A copy of x with `value` in every group at one of the three values its GroupNorm pivot is
+    chosen from (csrc/include/ddpm_fast/group_norm.h): channel 0 at position 0 ("first"), Cg / 2 at
+    HW / 2 ("middle") or Cg - 1 at HW - 1 ("last")."""
+    cg, hw = x.shape[1] // G, x[0, 0].numel()
+    k, q = {"first": (0, 0), "middle": (cg // 2, hw // 2), "last": (cg - 1, hw - 1)}[place]
+    x = x.clone()
+    x.view(x.shape[0], G, cg, hw)[:, :, k, q] = value
+    return x
+
+
 def store_slack(backend: str, dtype: torch.dtype) -> float:
     """How many times the rounding error of an output store to allow.  Triton's CPU interpreter
     converts float32 to bfloat16 by truncation (seen on triton 3.6 and 3.8), where GPUs round to

@@ -78,7 +78,7 @@ def test_bad_input(kw, exc, match):
 
 
 # ----------------------------------------------------------------- fused kernels
-from conftest import KERNEL_BACKENDS, backend_device, layout, needs, store_slack  # noqa: E402
+from conftest import KERNEL_BACKENDS, backend_device, gn_with_outlier, layout, needs, store_slack  # noqa: E402
 
 GN_OPTIONS = [(), ("add",), ("scale", "shift"), ("add", "scale", "shift")]
 
@@ -94,9 +94,12 @@ def offset_view(x, offset):
 
 
 def gn_kernel_vs_reference(backend, dtype, shape, G, fmt, options, silu, gen, affine=True, split=None, mean=0.0,
-                           std=1.0, offset=0):
+                           std=1.0, offset=0, outlier=None):
     dev = backend_device(backend)
-    x = (torch.randn(shape, generator=gen) * std + mean).to(dev, dtype)
+    x = torch.randn(shape, generator=gen) * std + mean
+    if outlier is not None:
+        x = gn_with_outlier(x, G, *outlier)
+    x = x.to(dev, dtype)
     x = offset_view(layout(x, fmt), offset)
     C = shape[1]
     w = torch.randn(C, generator=gen).to(dev, dtype) if affine else None
@@ -150,6 +153,26 @@ def test_kernel_dtypes_layouts_shapes(backend, dtype, fmt, shape, G, options, ge
 def test_kernel_large_mean_small_spread(backend, options, gen, poison):
     gn_kernel_vs_reference(backend, torch.float32, (2, 32, 8, 8), 8, "contiguous", options, False, gen,
                            mean=1e3, std=1e-2)
+
+
+# One value of every group far from the rest (an activation outlier, 10^4 standard deviations out), at
+# each of the values the pivot is chosen from.  Sums of d^2 minus the squared mean lose every digit
+# of the variance to it; values centred on it round at its scale.  Small groups take the on-chip
+# paths, 18432-value ones the split ones (Triton) and many Welford blocks (CPU).
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("place", ["first", "middle", "last"])
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape,G", [((2, 16, 9, 9), 4), ((1, 16, 48, 48), 2)], ids=["small-groups", "large-groups"])
+def test_kernel_outlier(backend, dtype, place, fmt, shape, G, gen, poison):
+    gn_kernel_vs_reference(backend, dtype, shape, G, fmt, ("add",), False, gen, outlier=(place, 1e4))
+
+
+def test_reference_outlier(gen):
+    """The reference in float32 centres on the same pivot, so one outlier costs it nothing either."""
+    x = gn_with_outlier(torch.randn(2, 16, 48, 48, generator=gen), 2, "first", 1e4)
+    out = df.group_norm(x, 2, eps=1e-6, backend="reference")
+    assert rel_err(out, composed(x, 2, torch.ones(16), torch.zeros(16), 1e-6)) < 1e-6
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -225,6 +248,31 @@ def test_cuda_paths_large_mean_small_spread(case, fmt, gen, poison):
 
 @pytest.mark.cuda
 @needs("cuda")
+@pytest.mark.parametrize("case", list(CUDA_GN_CASES))
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("place", ["first", "middle"])
+def test_cuda_paths_outlier(case, fmt, place, gen, poison):
+    shape, G = CUDA_GN_CASES[case]
+    gn_kernel_vs_reference("cuda", torch.float32, shape, G, fmt, ("add",), True, gen, outlier=(place, 1e4))
+
+
+@pytest.mark.cuda
+@needs("cuda")
+@pytest.mark.parametrize("case", list(CUDA_GN_CASES))
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_paths_repeat_bit_for_bit(case, fmt, dtype, gen):
+    """No path's statistics take atomics: the same input gives the same bits on every run."""
+    shape, G = CUDA_GN_CASES[case]
+    x = layout(torch.randn(shape, generator=gen), fmt).to("cuda", dtype)
+    add = torch.randn(shape[0], shape[1], generator=gen).to("cuda", dtype)
+    first = df.group_norm(x, G, add=add, silu=True, backend="cuda")
+    for _ in range(4):
+        assert torch.equal(df.group_norm(x, G, add=add, silu=True, backend="cuda"), first)
+
+
+@pytest.mark.cuda
+@needs("cuda")
 @pytest.mark.parametrize("shape", [(128, 8192, 1, 1), (1, 8192, 1, 2), (1, 4096, 2, 2)],
                          ids=["onchip", "split", "split-32KiB"])
 def test_cuda_wide_groups(shape, gen, poison):
@@ -235,10 +283,13 @@ def test_cuda_wide_groups(shape, gen, poison):
 @pytest.mark.triton
 @pytest.mark.parametrize("split", [1, 3])
 @pytest.mark.parametrize("mean", [0.0, 1e3])
-def test_triton_onchip_and_split_paths(split, mean, gen, poison):
+@pytest.mark.parametrize("shape", [(2, 16, 9, 9), (1, 32, 40, 30)], ids=["one-tile", "tiles-then-a-part"])
+def test_triton_onchip_and_split_paths(split, mean, shape, gen, poison):
+    """(1, 32, 40, 30): 1200 positions in tiles of 256, so a slice's last tile runs past the group
+    after whole ones (split 1: the split path, the group being too large for one program)."""
     if df.available_backends()["triton"] is not True:
         pytest.skip(df.available_backends()["triton"])
-    gn_kernel_vs_reference("triton", torch.float32, (2, 16, 9, 9), 4, "contiguous", ("add", "scale"), True, gen,
+    gn_kernel_vs_reference("triton", torch.float32, shape, 4, "contiguous", ("add", "scale"), True, gen,
                            split=split, mean=mean, std=1e-2 if mean else 1.0)
 
 

@@ -6,15 +6,17 @@ import torch
 import torch.nn as nn
 
 import ddpm_fast as df
-from conftest import KERNEL_BACKENDS, backend_device, layout, needs, rel_err, store_slack
+from conftest import KERNEL_BACKENDS, backend_device, gn_with_outlier, layout, needs, rel_err, store_slack
 
 OPTIONS = [(), ("add",), ("scale", "shift"), ("add", "scale", "shift")]
 LEAVES = ("x", "weight", "bias", "add", "scale", "shift")
 
 
-def make_inputs(shape, G, options, affine, gen, dtype=torch.float64, dev="cpu", mean=0.0, std=1.0):
+def make_inputs(shape, G, options, affine, gen, dtype=torch.float64, dev="cpu", mean=0.0, std=1.0, outlier=None):
     B, C = shape[:2]
     x = torch.randn(shape, generator=gen) * std + mean
+    if outlier is not None:
+        x = gn_with_outlier(x, G, *outlier)
     t = {"x": x, "weight": torch.randn(C, generator=gen), "bias": torch.randn(C, generator=gen)} if affine else {"x": x}
     t.update({k: torch.randn(B, C, generator=gen) * 0.5 for k in options})
     return {k: v.to(dev, dtype) for k, v in t.items()}
@@ -40,9 +42,10 @@ def grads(inputs, G, dy, silu, backend, fmt="contiguous", offset=0):
     return y, dict(zip(leaves, got))
 
 
-def check_backward(backend, dtype, shape, G, fmt, options, silu, gen, affine=True, mean=0.0, std=1.0, offset=0):
+def check_backward(backend, dtype, shape, G, fmt, options, silu, gen, affine=True, mean=0.0, std=1.0, offset=0,
+                   outlier=None):
     dev = backend_device(backend)
-    inputs = make_inputs(shape, G, options, affine, gen, dtype, dev, mean, std)
+    inputs = make_inputs(shape, G, options, affine, gen, dtype, dev, mean, std, outlier)
     dy = torch.randn(shape, generator=gen).to(dev, dtype)
     before = {k: v.clone() for k, v in inputs.items()}
     _, got = grads(inputs, G, dy, silu, backend, fmt, offset)
@@ -104,6 +107,16 @@ def test_kernel_backward_large_mean_and_3d(backend, fmt, gen, poison):
     check_backward(backend, torch.float32, (2, 32, 8, 8), 8, fmt, ("add",), True, gen, mean=1e3, std=1e-2)
     if fmt == "contiguous":
         check_backward(backend, torch.float32, (2, 8, 9), 2, fmt, ("scale",), True, gen)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("place", ["first", "last"])
+@pytest.mark.parametrize("shape,G", [((2, 16, 9, 9), 4), ((1, 16, 48, 48), 2)], ids=["small-groups", "large-groups"])
+def test_kernel_backward_outlier(backend, fmt, place, shape, G, gen, poison):
+    """One value of every group 10^4 standard deviations out, where the pivot may be chosen
+    (test_group_norm.py's test_kernel_outlier): the backward centres on the forward's pivot."""
+    check_backward(backend, torch.float32, shape, G, fmt, ("add", "scale"), True, gen, outlier=(place, 1e4))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

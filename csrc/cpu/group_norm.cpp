@@ -1,18 +1,18 @@
 // GroupNorm with fused input add, scale-shift and SiLU on the CPU:
 //   y = act(GN(x + add) * (1 + scale) + shift), statistics in fp32.
 //
-// Both layouts take every value as d = (x - x_first) + (add_c - add_first) relative to its group's
-// first value (exact for a large mean with a small spread), sum d and d^2, then fold mean, rstd,
-// weight, bias, scale and shift into one multiply-add per channel, y = (d - mean) * A_c + B_c, then
-// SiLU.  The loops are built for AVX-512/AVX2 (DF_CPU_CLONES) and run on fp32: straight on fp32
+// Both layouts take every value as d = (x - px) + (add_c - pa) relative to its group's pivot
+// (gn_pivot: exact for a large mean with a small spread), gather the moments of d (count, mean,
+// M2: no cancellation, whatever d's distance from the pivot), then fold mean, rstd, weight, bias,
+// scale and shift into one multiply-add per channel, y = (d - mean) * A_c + B_c, then SiLU.  The loops are built for AVX-512/AVX2 (DF_CPU_CLONES) and run on fp32: straight on fp32
 // input, through a buffer for fp16/bf16.
 // - NCHW: at::parallel_for over (sample, group), >= ~32K values per thread so small maps do not pay
 //   for waking threads.  A group is Cg contiguous rows of HW (one row when there is no add).
 // - channels_last: a sample is HW rows of C contiguous channels, so the loops run across channels
-//   with per-channel pivots: slices of rows are the tasks; per-channel partial sums per slice are
-//   reduced per group, then the same slices write y.  Every cache line is used whole.
+//   with per-channel pivots: slices of rows are the tasks; per-channel moments per slice (Welford's
+//   update, one row at a time) are merged per group, then the same slices write y.  Every cache line is used whole.
 // The input is read twice, usually from cache, and written once: 2-3 * N * sizeof(T) bytes,
-// ~6 FLOPs per element (+~20 with SiLU).  The group's centred mean md and rstd go out for the backward.
+// ~10 FLOPs per element (+~20 with SiLU).  The group's centred mean md and rstd go out for the backward.
 //
 // Backward (formula in csrc/include/ddpm_fast/group_norm.h): the same tasks.  Pass 1 recomputes
 // xhat and dz = dy act'(z) and sums S1, S2, S3 per (sample, channel) (per slice for channels_last,
@@ -41,22 +41,29 @@ namespace ddpm_fast {
 namespace {
 
 constexpr int kChunk = 64;
+constexpr int64_t kBlock = 256;
 
 // Inlined into the DF_CPU_CLONES functions that call it, compiled there for each clone's ISA.
 #define DF_INLINE __attribute__((always_inline)) inline
 constexpr int64_t kValuesPerThread = 32768;
 
-// s1 += sum d, s2 += sum d^2 over d = (v - px) + shift: v - px is exact for values near the pivot.
-DF_CPU_CLONES void centred_sums(const float* v, int64_t n, float px, float shift, float* s1, float* s2) {
-  float a1 = 0.0f, a2 = 0.0f;
-#pragma omp simd reduction(+ : a1, a2)
-  for (int64_t i = 0; i < n; ++i) {
-    const float d = (v[i] - px) + shift;
-    a1 += d;
-    a2 += d * d;
+// Merges the moments of d = (v - px) + shift over v[0, n) into *acc (v - px is exact for values near
+// the pivot), kBlock values at a time: the block's mean, then its centred squares, while it is in L1.
+DF_CPU_CLONES void centred_moments(const float* v, int64_t n, float px, float shift, GnMoments* acc) {
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const float* u = v + i0;
+    const int64_t m = std::min(kBlock, n - i0);
+    float s = 0.0f, q = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < m; ++i) s += (u[i] - px) + shift;
+    const float mb = s / static_cast<float>(m);
+#pragma omp simd reduction(+ : q)
+    for (int64_t i = 0; i < m; ++i) {
+      const float e = ((u[i] - px) + shift) - mb;
+      q += e * e;
+    }
+    *acc = gn_merge(*acc, GnMoments{static_cast<float>(m), mb, q});
   }
-  *s1 += a1;
-  *s2 += a2;
 }
 
 // out = ((v - px) + centre) * A + B: centring first keeps a large mean from cancelling in fp32.
@@ -65,13 +72,15 @@ DF_CPU_CLONES void centred_affine(const float* v, float* out, int64_t n, float p
   for (int64_t i = 0; i < n; ++i) out[i] = ((v[i] - px) + centre) * A + B;
 }
 
-// The same two loops across one channels_last row, with per-channel pivots and coefficients.
-DF_CPU_CLONES void channel_sums(const float* v, const float* px, const float* shift, float* s1, float* s2, int64_t C) {
+// The same across one channels_last row, with per-channel pivots and coefficients: Welford's update
+// of each channel's mean and M2 by the row's d, inv = 1 / (rows so far, this one included).
+DF_CPU_CLONES void channel_moments(const float* v, const float* px, const float* shift, float* mean, float* m2,
+                                   float inv, int64_t C) {
 #pragma omp simd
   for (int64_t c = 0; c < C; ++c) {
-    const float d = (v[c] - px[c]) + shift[c];
-    s1[c] += d;
-    s2[c] += d * d;
+    const float d = (v[c] - px[c]) + shift[c], delta = d - mean[c];
+    mean[c] += delta * inv;
+    m2[c] += delta * (d - mean[c]);
   }
 }
 
@@ -81,13 +90,12 @@ DF_CPU_CLONES void channel_affine(const float* v, float* out, const float* px, c
   for (int64_t c = 0; c < C; ++c) out[c] = ((v[c] - px[c]) + centre[c]) * A[c] + B[c];
 }
 
-// Group (b, g)'s mean and rstd from its sums, folded into its channels' coefficients:
+// Group (b, g)'s mean and rstd from its moments, folded into its channels' coefficients:
 // y_c = ((x - px) + centre_c) * A_c + B_c.  pa is the group's pivot add.
 // The group's centred mean md and rstd go to mean[b * G + g], rstd[b * G + g].
-void group_coefs(const GroupNormParams& a, int64_t b, int64_t g, float s1, float s2, float pa, float* centre,
-                 float* A, float* Bc, float* mean, float* rstd_out) {
-  const float n = static_cast<float>(a.n), md = s1 / n;
-  const float rstd = 1.0f / std::sqrt(std::max(s2 / n - md * md, 0.0f) + a.eps);
+void group_coefs(const GroupNormParams& a, int64_t b, int64_t g, GnMoments m, float pa, float* centre, float* A,
+                 float* Bc, float* mean, float* rstd_out) {
+  const float md = m.mean, rstd = 1.0f / std::sqrt(m.m2 / static_cast<float>(a.n) + a.eps);
   mean[b * a.G + g] = md;
   rstd_out[b * a.G + g] = rstd;
   for (int64_t k = 0; k < a.CG; ++k) {
@@ -136,19 +144,20 @@ void group_norm_nchw(const scalar_t* x, scalar_t* y, float* mean, float* rstd, c
       const scalar_t* xg = x + (b * a.C + c0) * a.HW;
       scalar_t* yg = y + (b * a.C + c0) * a.HW;
       auto add = [&](int64_t c) { return a.add ? a.add[b * a.C + c] : 0.0f; };
-      // The pivot (x, add) of the group's first value, kept as two numbers so nothing rounds at |mean|.
-      const float px = static_cast<float>(xg[0]), pa = add(c0);
-      float s1 = 0.0f, s2 = 0.0f;
+      // The pivot (x, add), kept as two numbers so nothing rounds at |mean|.
+      const GnPivot pv = gn_pivot(x, a, b, g);
+      const float px = pv.px, pa = pv.pa;
+      GnMoments mom{0.0f, 0.0f, 0.0f};
       if (!a.add) {  // one shift for the whole group: one contiguous row
-        for_fp32_chunks(xg, a.n, [&](const float* v, int64_t m) { centred_sums(v, m, px, 0.0f, &s1, &s2); });
+        for_fp32_chunks(xg, a.n, [&](const float* v, int64_t m) { centred_moments(v, m, px, 0.0f, &mom); });
       } else {
         for (int64_t k = 0; k < a.CG; ++k) {
           const float shift = add(c0 + k) - pa;
           for_fp32_chunks(xg + k * a.HW, a.HW,
-                          [&](const float* v, int64_t m) { centred_sums(v, m, px, shift, &s1, &s2); });
+                          [&](const float* v, int64_t m) { centred_moments(v, m, px, shift, &mom); });
         }
       }
-      group_coefs(a, b, g, s1, s2, pa, centre.data(), A.data(), Bc.data(), mean, rstd);
+      group_coefs(a, b, g, mom, pa, centre.data(), A.data(), Bc.data(), mean, rstd);
       for (int64_t k = 0; k < a.CG; ++k) {
         const scalar_t* xr = xg + k * a.HW;
         scalar_t* yr = yg + k * a.HW;
@@ -194,9 +203,10 @@ void group_norm_channels_last(const scalar_t* x, scalar_t* y, float* mean, float
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t g = 0; g < a.G; ++g) {
       const int64_t c0 = g * a.CG;
-      pa[b * a.G + g] = a.add ? a.add[b * C + c0] : 0.0f;
+      const GnPivot pv = gn_pivot(x, a, b, g);
+      pa[b * a.G + g] = pv.pa;
       for (int64_t c = c0; c < c0 + a.CG; ++c) {
-        px[b * C + c] = static_cast<float>(x[b * HW * C + c0]);
+        px[b * C + c] = pv.px;
         shift[b * C + c] = (a.add ? a.add[b * C + c] : 0.0f) - pa[b * a.G + g];
       }
     }
@@ -211,27 +221,26 @@ void group_norm_channels_last(const scalar_t* x, scalar_t* y, float* mean, float
     });
   };
 
-  std::vector<float> part(B * S * 2 * C, 0.0f);  // [b, slice] -> per-channel sum d, sum d^2
+  std::vector<float> part(B * S * 2 * C, 0.0f);  // [b, slice] -> per-channel mean and M2 of d over its rows
   for_rows([&](int64_t task, int64_t b, int64_t r0, int64_t r1, float* buf) {
-    float* s1 = part.data() + task * 2 * C;
+    float* m = part.data() + task * 2 * C;
     for (int64_t r = r0; r < r1; ++r) {
-      channel_sums(as_fp32(x + (b * HW + r) * C, C, buf), px.data() + b * C, shift.data() + b * C, s1, s1 + C, C);
+      channel_moments(as_fp32(x + (b * HW + r) * C, C, buf), px.data() + b * C, shift.data() + b * C, m, m + C,
+                      1.0f / static_cast<float>(r - r0 + 1), C);
     }
   });
 
   std::vector<float> A(B * C), Bc(B * C), centre(B * C);
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t g = 0; g < a.G; ++g) {
-      float s1 = 0.0f, s2 = 0.0f;
+      GnMoments mom{0.0f, 0.0f, 0.0f};
       for (int64_t s = 0; s < S; ++s) {
         const float* p = part.data() + (b * S + s) * 2 * C + g * a.CG;
-        for (int64_t k = 0; k < a.CG; ++k) {
-          s1 += p[k];
-          s2 += p[C + k];
-        }
+        const float rows_s = static_cast<float>(std::min(HW, (s + 1) * rows) - s * rows);
+        for (int64_t k = 0; k < a.CG; ++k) mom = gn_merge(mom, GnMoments{rows_s, p[k], p[C + k]});
       }
       const int64_t o = b * C + g * a.CG;
-      group_coefs(a, b, g, s1, s2, pa[b * a.G + g], centre.data() + o, A.data() + o, Bc.data() + o, mean, rstd);
+      group_coefs(a, b, g, mom, pa[b * a.G + g], centre.data() + o, A.data() + o, Bc.data() + o, mean, rstd);
     }
   }
 
@@ -400,8 +409,8 @@ void gn_backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, float
     float out[kChunk];
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / a.G, g = bg % a.G;
-      const float px = static_cast<float>(x[(b * a.C + g * a.CG) * a.HW]), r = rstd[bg];
-      const float pa = a.add ? a.add[b * a.C + g * a.CG] : 0.0f;
+      const GnPivot pv = gn_pivot(x, a, b, g);
+      const float px = pv.px, pa = pv.pa, r = rstd[bg];
       for (int64_t c = g * a.CG; c < (g + 1) * a.CG; ++c) {
         const int64_t o = (b * a.C + c) * a.HW;
         const GnChannel ch = gn_channel(a, b, c);
@@ -442,9 +451,10 @@ void gn_backward_channels_last(const scalar_t* dy, const scalar_t* x, scalar_t* 
     for (int64_t c = 0; c < C; ++c) {
       const int64_t bc = b * C + c, g = c / a.CG, bg = b * a.G + g;
       const GnChannel ch = gn_channel(a, b, c);
-      px_c[bc] = static_cast<float>(x[b * HW * C + g * a.CG]);
+      const GnPivot pv = gn_pivot(x, a, b, g);
+      px_c[bc] = pv.px;
       rstd_c[bc] = rstd[bg];
-      centre_c[bc] = gn_centre(ch.add, a.add ? a.add[b * C + g * a.CG] : 0.0f, mean[bg]);
+      centre_c[bc] = gn_centre(ch.add, pv.pa, mean[bg]);
       W_c[bc] = ch.W;
       B_c[bc] = ch.Bc;
     }

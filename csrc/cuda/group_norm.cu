@@ -7,7 +7,10 @@
 // CG) with every pointer aligned to it, else scalar.  In-group offsets are 32-bit (the launcher
 // checks C * HW < 2^31), a vector's position and channel cost one FastDivmod (multiply-high) per
 // vector, and only the group's base offset is 64-bit.  Every path works on d = (x - px) + (add - pa),
-// relative to the group's first x and add (exact for a large mean with a small spread).  After the
+// relative to the group's pivot (gn_pivot: exact for a large mean with a small spread), and takes
+// its variance from centred squares: the on-chip path in two passes over its registers, the others
+// from moments (count, mean, M2) merged without cancellation (GnMoments), never as E[d^2] - E[d]^2,
+// which loses every digit when one value lies far from the rest.  After the
 // statistics, a [CG] table in shared memory (opted in beyond 48 KiB: CG > ~6000) folds weight, bias,
 // scale, shift, mean and rstd into z = v A + Cc per channel, so normalising is one FMA per value.
 // The group's mean of d and rstd go out (float32 [B, G]) for the backward.
@@ -19,15 +22,16 @@
 // - gn_rows_stats + gn_rows_finalize + gn_rows_norm: otherwise, for channels_last groups whose CG
 //   values a position fill less than a 32-byte sector (and C / V <= 256): grid (S, B) of 256
 //   threads, each block a tile of whole rows (positions x C channels, contiguous: full sectors);
-//   a thread keeps one vector column, so one group and V channels, for the tile.  Pass 1 sums d and
-//   d^2 per group into [B, S, G] partials; the finalize, grid (G, B), reduces them into mean, rstd
+//   a thread keeps one vector column, so one group and V channels, for the tile.  Pass 1 takes the
+//   moments of d per group into [B, S, G] partials (each thread's in turn, in a fixed order: no
+//   atomics, so a run repeats bit for bit); the finalize, grid (G, B), merges them into mean, rstd
 //   and the [B, C] (A, Cc) table; pass 2 normalises with the thread's coefficients in registers.
 //   Two reads + one write.
 // - gn_stats + gn_norm: otherwise (batch 1 must not leave SMs idle), grid (B*G, S) of 256 threads,
-//   S slices of n / S values for ~4 blocks per SM; gn_stats sums d and d^2 over its slice, gn_norm
-//   reduces the S partials and normalises its slice.  Two reads + one write.
+//   S slices of n / S values for ~4 blocks per SM; gn_stats takes the moments of d over its slice,
+//   gn_norm merges the S partials and normalises its slice.  Two reads + one write.
 // Bytes: (2 on-chip, 3 rows or split) * N * sizeof(T), plus the [B, C] parameters.  ~7 FLOPs per
-// value (+ an exp and a divide for SiLU).
+// value on chip, ~10 and a divide per vector for the moments (+ an exp and a divide for SiLU).
 //
 // Backward (formula in csrc/include/ddpm_fast/group_norm.h), grid (B*G, S) like the split path, with
 // the same layouts, widths and 32-bit walk:
@@ -101,9 +105,9 @@ struct Walk {
   }
 };
 
-// A block's group: sample b, group g, its first value's offset, and the pivot (x, add) at that value.
-// Values are taken relative to the pivot, d = (x - px) + (add - pa): exact for a large mean with a
-// small spread, so nothing rounds at the scale of the mean.
+// A block's group: sample b, group g, its first value's offset, and its pivot (x, add).  Values are
+// taken relative to the pivot, d = (x - px) + (add - pa): exact for a large mean with a small
+// spread, so nothing rounds at the scale of the mean.
 struct Group {
   int64_t b, g, base;
   float px, pa;
@@ -114,7 +118,8 @@ __device__ Group group_of(const T* x, const Gn& p, const Walk& w, uint32_t bg) {
   uint32_t b;
   const uint32_t g = w.groups.divmod(bg, &b);
   const int64_t base = CL ? static_cast<int64_t>(b) * p.HW * p.C + g * p.CG : (b * p.C + g * p.CG) * p.HW;
-  return Group{b, g, base, static_cast<float>(x[base]), p.add ? p.add[b * p.C + g * p.CG] : 0.f};
+  const GnPivot pv = gn_pivot(x, p, b, g);
+  return Group{b, g, base, pv.px, pv.pa};
 }
 
 template <typename U>
@@ -140,6 +145,33 @@ __device__ float2 block_sum2(float a, float b) {
     r.y += partial[i].y;
   }
   return r;
+}
+
+// Merges the moments of the V values v[] into acc (gn_merge): their mean, then their centred
+// squares.  The weight V / n is an approximate divide (2 ulps): the IEEE one is a call in the hot
+// loop, which then no longer keeps several loads in flight.
+template <int V>
+__device__ void push_moments(GnMoments& acc, const float (&v)[V]) {
+  float sum = 0.f;
+#pragma unroll
+  for (int j = 0; j < V; ++j) sum += v[j];
+  const float mv = sum * (1.0f / V);  // V is a power of two: exact
+  float q = 0.f;
+#pragma unroll
+  for (int j = 0; j < V; ++j) q = fmaf(v[j] - mv, v[j] - mv, q);
+  const float before = acc.n, delta = mv - acc.mean;
+  acc.n += V;
+  const float r = __fdividef(static_cast<float>(V), acc.n);
+  acc.mean = fmaf(delta, r, acc.mean);
+  acc.m2 += fmaf(delta * delta * before, r, q);
+}
+
+// The block's moments, returned to every thread: mean = sum n mean / sum n, then M2 = sum (M2 +
+// n (mean_t - mean)^2), two block sums in a fixed order whose terms cannot cancel.
+__device__ GnMoments block_moments(GnMoments t) {
+  const float2 ns = block_sum2(t.n, t.n * t.mean);
+  const float mean = ns.y / ns.x, dm = t.mean - mean;  // a block's values count more than 0
+  return GnMoments{ns.x, mean, block_sum2(fmaf(t.n * dm, dm, t.m2), 0.f).x};
 }
 
 // SiLU with the hardware exp and an approximate divide: no slow path; for z < -87 (1 + e^-z beyond
@@ -249,52 +281,45 @@ __global__ void __launch_bounds__(max_onchip_threads(V), 1)
   }
 }
 
-// Split path, pass 1: block (group, s) sums d and d^2 over vectors [s * chunk, (s + 1) * chunk).
+// Split path, pass 1: block (group, s) takes the moments of d over vectors [s * chunk, (s + 1) * chunk).
 template <typename T, bool CL, int V>
 __global__ void __launch_bounds__(kThreads)
-    gn_stats(const T* __restrict__ x, float2* __restrict__ part, Gn p, Walk w, uint32_t chunk) {
+    gn_stats(const T* __restrict__ x, GnMoments* __restrict__ part, Gn p, Walk w, uint32_t chunk) {
   float* add_tab = dynamic_shared<float>();
   const Group gr = group_of<T, CL>(x, p, w, blockIdx.x);
   fill_add_table(add_tab, p, gr);
   __syncthreads();
-  float s1 = 0.f, s2 = 0.f;
+  GnMoments acc{0.f, 0.f, 0.f};
   const uint32_t end = min(static_cast<uint32_t>(p.n / V), (blockIdx.y + 1) * chunk);
+#pragma unroll 4  // loads in flight: nvcc no longer unrolls this loop by itself once it carries the moments
   for (uint32_t u = blockIdx.y * chunk + threadIdx.x; u < end; u += kThreads) {
     uint32_t k;
     const uint32_t o = w.at<CL, V>(u, &k);
-    float xp[V];
-    load_pack<T, V>(x + gr.base + o, gr.px, xp);
+    float d[V];
+    load_pack<T, V>(x + gr.base + o, gr.px, d);
 #pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const float d = xp[j] + add_tab[CL ? k + j : k];
-      s1 += d;
-      s2 = fmaf(d, d, s2);
-    }
+    for (int j = 0; j < V; ++j) d[j] += add_tab[CL ? k + j : k];
+    push_moments<V>(acc, d);
   }
-  const float2 r = block_sum2(s1, s2);
+  const GnMoments r = block_moments(acc);
   if (threadIdx.x == 0) part[blockIdx.x * gridDim.y + blockIdx.y] = r;
 }
 
-// The group's (mean of d, rstd) from its sums of d and d^2.
-__device__ float2 mean_rstd(float2 sums, const Gn& p) {
-  const float n = static_cast<float>(p.n), md = sums.x / n;
-  return make_float2(md, rsqrtf(fmaxf(sums.y / n - md * md, 0.f) + p.eps));
+// The group's (mean of d, rstd) from its moments.
+__device__ float2 mean_rstd(GnMoments m, const Gn& p) {
+  return make_float2(m.mean, rsqrtf(m.m2 / static_cast<float>(p.n) + p.eps));
 }
 
-// Split path, pass 2: reduce the group's S partials, normalise this block's slice.
+// Split path, pass 2: merge the group's S partials, normalise this block's slice.
 template <typename T, bool CL, int V>
 __global__ void __launch_bounds__(kThreads)
-    gn_norm(const T* __restrict__ x, T* __restrict__ y, const float2* __restrict__ part, float* __restrict__ mean_out,
-            float* __restrict__ rstd_out, Gn p, Walk w, uint32_t chunk) {
+    gn_norm(const T* __restrict__ x, T* __restrict__ y, const GnMoments* __restrict__ part,
+            float* __restrict__ mean_out, float* __restrict__ rstd_out, Gn p, Walk w, uint32_t chunk) {
   float2* tab = dynamic_shared<float2>();
   const uint32_t bg = blockIdx.x, s = blockIdx.y;
-  float s1 = 0.f, s2 = 0.f;
-  for (uint32_t k = threadIdx.x; k < gridDim.y; k += kThreads) {
-    const float2 q = part[bg * gridDim.y + k];
-    s1 += q.x;
-    s2 += q.y;
-  }
-  const float2 st = mean_rstd(block_sum2(s1, s2), p);
+  GnMoments acc{0.f, 0.f, 0.f};
+  for (uint32_t k = threadIdx.x; k < gridDim.y; k += kThreads) acc = gn_merge(acc, part[bg * gridDim.y + k]);
+  const float2 st = mean_rstd(block_moments(acc), p);
   const float md = st.x, rstd = st.y;
   if (s == 0 && threadIdx.x == 0) {
     mean_out[bg] = md;
@@ -322,61 +347,82 @@ struct Rows {
   uint32_t L, R, tile;  // vectors a row, rows a step, rows a block
 };
 
-// Pass 1: block (tile s, sample b) sums d and d^2 per group over its rows: part[b][s][g].
+// Pass 1: block (tile s, sample b) takes the moments of d per group over its rows: part[b][s][g].
+// Thread t's moments join its group's in a fixed order (thread g of the block sums those of the
+// group's R x CG / V threads, rows r, columns j: t = r L + j), so that every run rounds alike.
 template <typename T, int V>
-__global__ void __launch_bounds__(kThreads) gn_rows_stats(const T* __restrict__ x, float2* __restrict__ part, Gn p,
-                                                          Rows rw) {
-  float* red = dynamic_shared<float>();  // [2][G]
-  const uint32_t s = blockIdx.x, b = blockIdx.y, C = static_cast<uint32_t>(p.C);
-  for (int i = threadIdx.x; i < 2 * p.G; i += kThreads) red[i] = 0.f;
-  __syncthreads();
-  if (threadIdx.x < rw.L * rw.R) {
-    const uint32_t c0 = threadIdx.x % rw.L * V, g = c0 / static_cast<uint32_t>(p.CG);
+__global__ void __launch_bounds__(kThreads) gn_rows_stats(const T* __restrict__ x, GnMoments* __restrict__ part,
+                                                          Gn p, Rows rw) {
+  float* slot = dynamic_shared<float>();  // [2][kThreads]: each thread's count and n mean, then its M2 term
+  float* count = slot + 2 * kThreads;     // [G]
+  float* mean = count + p.G;              // [G]
+  const uint32_t s = blockIdx.x, b = blockIdx.y, C = static_cast<uint32_t>(p.C), t = threadIdx.x;
+  const uint32_t c0 = t % rw.L * V, g = c0 / static_cast<uint32_t>(p.CG), cols = static_cast<uint32_t>(p.CG) / V;
+  GnMoments acc{0.f, 0.f, 0.f};
+  if (t < rw.L * rw.R) {
     const T* xs = x + static_cast<int64_t>(b) * p.HW * p.C;
-    const float px = static_cast<float>(xs[g * p.CG]), pa = p.add ? p.add[b * p.C + g * p.CG] : 0.f;
+    const GnPivot pv = gn_pivot(x, p, b, g);
+    const float px = pv.px;
     float kc[V];
 #pragma unroll
-    for (int j = 0; j < V; ++j) kc[j] = p.add ? p.add[b * p.C + c0 + j] - pa : 0.f;
-    float s1 = 0.f, s2 = 0.f;
+    for (int j = 0; j < V; ++j) kc[j] = p.add ? p.add[b * p.C + c0 + j] - pv.pa : 0.f;
     const uint32_t end = min(static_cast<uint32_t>(p.HW), (s + 1) * rw.tile);
 #pragma unroll 4  // loads in flight: the step R is not known at compile time
-    for (uint32_t pos = s * rw.tile + threadIdx.x / rw.L; pos < end; pos += rw.R) {
-      float v[V];
-      load_pack<T, V>(xs + pos * C + c0, px, v);
+    for (uint32_t pos = s * rw.tile + t / rw.L; pos < end; pos += rw.R) {
+      float d[V];
+      load_pack<T, V>(xs + pos * C + c0, px, d);
 #pragma unroll
-      for (int j = 0; j < V; ++j) {
-        const float d = v[j] + kc[j];
-        s1 += d;
-        s2 = fmaf(d, d, s2);
+      for (int j = 0; j < V; ++j) d[j] += kc[j];
+      push_moments<V>(acc, d);
+    }
+  }
+  slot[t] = acc.n;
+  slot[kThreads + t] = acc.n * acc.mean;
+  __syncthreads();
+  // A group's threads: columns [gg cols, (gg + 1) cols) of rows [0, R); row 0 holds values of every tile.
+  for (uint32_t gg = t; gg < static_cast<uint32_t>(p.G); gg += kThreads) {
+    float n = 0.f, sum = 0.f;
+    for (uint32_t r = 0; r < rw.R; ++r) {
+      for (uint32_t j = gg * cols; j < (gg + 1) * cols; ++j) {
+        n += slot[r * rw.L + j];
+        sum += slot[kThreads + r * rw.L + j];
       }
     }
-    atomicAdd(red + g, s1);
-    atomicAdd(red + p.G + g, s2);
+    count[gg] = n;
+    mean[gg] = sum / n;
   }
   __syncthreads();
-  for (int g = threadIdx.x; g < p.G; g += kThreads) {
-    part[(static_cast<int64_t>(b) * gridDim.x + s) * p.G + g] = make_float2(red[g], red[p.G + g]);
+  if (t < rw.L * rw.R) {
+    const float dm = acc.mean - mean[g];
+    slot[kThreads + t] = fmaf(acc.n * dm, dm, acc.m2);
+  }
+  __syncthreads();
+  for (uint32_t gg = t; gg < static_cast<uint32_t>(p.G); gg += kThreads) {
+    float m2 = 0.f;
+    for (uint32_t r = 0; r < rw.R; ++r) {
+      for (uint32_t j = gg * cols; j < (gg + 1) * cols; ++j) m2 += slot[kThreads + r * rw.L + j];
+    }
+    part[(static_cast<int64_t>(b) * gridDim.x + s) * p.G + gg] = GnMoments{count[gg], mean[gg], m2};
   }
 }
 
-// Block (g, b) reduces the group's S partials into its statistics and its channels' (A, Cc) [B, C].
+// Block (g, b) merges the group's S partials into its statistics and its channels' (A, Cc) [B, C].
+template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    gn_rows_finalize(const float2* __restrict__ part, float* __restrict__ mean_out, float* __restrict__ rstd_out,
+    gn_rows_finalize(const T* __restrict__ x, const GnMoments* __restrict__ part, float* __restrict__ mean_out, float* __restrict__ rstd_out,
                      float2* __restrict__ coef, Gn p, uint32_t S) {
   const uint32_t g = blockIdx.x, b = blockIdx.y;
-  float s1 = 0.f, s2 = 0.f;
+  GnMoments acc{0.f, 0.f, 0.f};
   for (uint32_t q = threadIdx.x; q < S; q += kThreads) {
-    const float2 v = part[(static_cast<int64_t>(b) * S + q) * p.G + g];
-    s1 += v.x;
-    s2 += v.y;
+    acc = gn_merge(acc, part[(static_cast<int64_t>(b) * S + q) * p.G + g]);
   }
-  const float2 st = mean_rstd(block_sum2(s1, s2), p);
+  const float2 st = mean_rstd(block_moments(acc), p);
   const float md = st.x, rstd = st.y;
   if (threadIdx.x == 0) {
     mean_out[b * p.G + g] = md;
     rstd_out[b * p.G + g] = rstd;
   }
-  const Group gr{b, g, 0, 0.f, p.add ? p.add[b * p.C + g * p.CG] : 0.f};
+  const Group gr{b, g, 0, 0.f, gn_pivot(x, p, b, g).pa};
   fill_norm_table(coef + b * p.C + g * p.CG, p, gr, md, rstd, false);
 }
 
@@ -388,7 +434,7 @@ __global__ void __launch_bounds__(kThreads, 1)  // without the 1, ptxas on sm_80
   const uint32_t s = blockIdx.x, b = blockIdx.y, C = static_cast<uint32_t>(p.C);
   const uint32_t c0 = threadIdx.x % rw.L * V, g = c0 / static_cast<uint32_t>(p.CG);
   const int64_t base = static_cast<int64_t>(b) * p.HW * p.C;
-  const float px = static_cast<float>(x[base + g * p.CG]);
+  const float px = gn_pivot(x, p, b, g).px;
   float A[V], Cc[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) {
@@ -551,21 +597,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cuda(
       }
       if (CL && use_rows(p, kV, sizeof(scalar_t))) {
         const auto [S, rw] = rows_of(p, kV, sms);
-        at::Tensor part = at::empty({p.B * S * p.G * 2}, x.options().dtype(at::kFloat));
+        at::Tensor part = at::empty({p.B * S * p.G * 3}, x.options().dtype(at::kFloat));
         at::Tensor coef = at::empty({p.B * p.C * 2}, x.options().dtype(at::kFloat));
-        auto* pp = reinterpret_cast<float2*>(part.data_ptr<float>());
+        auto* pp = reinterpret_cast<GnMoments*>(part.data_ptr<float>());
         auto* cp = reinterpret_cast<float2*>(coef.data_ptr<float>());
         const dim3 grid(S, static_cast<unsigned>(p.B));
-        gn_rows_stats<scalar_t, kV><<<grid, kThreads, 2 * p.G * sizeof(float), stream>>>(xp, pp, p, rw);
+        const size_t slots = (2 * kThreads + 2 * p.G) * sizeof(float);
+        gn_rows_stats<scalar_t, kV><<<grid, kThreads, slots, stream>>>(xp, pp, p, rw);
         const dim3 fgrid(static_cast<unsigned>(p.G), static_cast<unsigned>(p.B));
-        gn_rows_finalize<<<fgrid, kThreads, 0, stream>>>(pp, mp, rp, cp, p, S);
+        gn_rows_finalize<scalar_t><<<fgrid, kThreads, 0, stream>>>(xp, pp, mp, rp, cp, p, S);
         gn_rows_norm<scalar_t, kV><<<grid, kThreads, 0, stream>>>(xp, yp, cp, p, rw);
         return;
       }
       const auto [slices, chunk] = split_of(p.n / kV, groups, sms);
-      at::Tensor part = at::empty({groups * slices * 2}, x.options().dtype(at::kFloat));
+      at::Tensor part = at::empty({groups * slices * 3}, x.options().dtype(at::kFloat));
       const dim3 grid(static_cast<unsigned>(groups), slices);
-      auto* pp = reinterpret_cast<float2*>(part.data_ptr<float>());
+      auto* pp = reinterpret_cast<GnMoments*>(part.data_ptr<float>());
       allow_shared(gn_stats<scalar_t, CL, kV>, table / 2, x);
       allow_shared(gn_norm<scalar_t, CL, kV>, table, x);
       gn_stats<scalar_t, CL, kV><<<grid, kThreads, table / 2, stream>>>(xp, pp, p, w, chunk);

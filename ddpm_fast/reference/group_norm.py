@@ -36,10 +36,16 @@ def group_norm_math(x, num_groups, weight, bias, eps, add, scale, shift, silu):
     h = x.to(cd)
     if add is not None:
         h = h + add.to(cd).reshape(bcast)
-    # Shift each group by its first element (x - pivot is exact for nearby floats), then two passes:
-    # stable for a large mean and a small spread, where fp32 sums of x itself lose the spread's digits.
-    g = h.reshape(B, num_groups, -1)
-    g = g - g[..., :1]
+    # Shift each group by its pivot, the kernels' (csrc/include/ddpm_fast/group_norm.h): of its values
+    # at (channel 0, position 0), (Cg / 2, HW / 2) and (Cg - 1, HW - 1), the median.  x - pivot is exact
+    # for nearby floats; then two passes: stable for a large mean and a small spread, where fp32 sums
+    # of x itself lose the spread's digits.
+    cg = C // num_groups
+    hw = h[0, 0].numel() if B and C else 0
+    g = h.reshape(B, num_groups, cg, hw)
+    if g.numel():
+        g = g - g[:, :, [0, cg // 2, cg - 1], [0, hw // 2, hw - 1]].median(-1).values[..., None, None]
+    g = g.reshape(B, num_groups, -1)
     centred = g - g.mean(-1, keepdim=True)
     h = (centred * torch.rsqrt(centred.square().mean(-1, keepdim=True) + eps)).reshape(h.shape)
     if weight is not None:

@@ -6,11 +6,14 @@ A group is Cg = C / G channels x HW positions, seen as a [HW, Cg] tile whose str
 - on-chip path, grid (B*G,): a program loads its whole group once into registers, takes the mean,
   then the centred variance, and writes y: one read + one write.
 - split path, grid (B*G, S): when a group is too large for registers or B*G programs would leave
-  the GPU idle (batch 1), _gn_stats sums d and d^2 over HW / S positions per program and _gn_norm
-  reduces the S partials and normalises its slice: two reads + one write.
-Every path works on d = (x - x_first) + (add - add_first), exact for a large mean with a small
-spread, so nothing rounds at the scale of the mean.  The group's mean of d and rstd (float32
-[B, G]) go out for the backward, which takes values relative to the same first element.
+  the GPU idle (batch 1), _gn_stats takes the moments (count, mean, M2) of d over HW / S positions
+  per program, Welford's update per tile element, and _gn_norm merges the S partials and
+  normalises its slice: two reads + one write.
+Every path works on d = (x - px) + (add - pa) relative to the group's pivot (_pivot), exact for a
+large mean with a small spread, so nothing rounds at the scale of the mean, and takes the
+variance from centred squares, never as E[d^2] - E[d]^2 (which loses every digit when one value
+lies far from the rest).  The group's mean of d and rstd (float32
+[B, G]) go out for the backward, which takes values relative to the same pivot.
 Bytes: (1 or 2) * N + N times sizeof(T); ~10 FLOPs per element (+4 with SiLU).
 
 Backward (formula in csrc/include/ddpm_fast/group_norm.h), the same two paths:
@@ -38,14 +41,30 @@ BWD_ONCHIP_MAX = 4096  # the backward holds x and dy
 
 
 @triton.jit
-def _pivot(x_ptr, add_ptr, b, g, C, HW, CG, stride_c, HAS_ADD: tl.constexpr):
-    """The group's first x and add: values are taken relative to them, (x - px) + (add - pa), which
-    is exact for a large mean with a small spread."""
-    px = tl.load(x_ptr + b.to(tl.int64) * C * HW + (g * CG).to(tl.int64) * stride_c).to(tl.float32)
-    pa = 0.0
+def _pivot_value(x_ptr, add_ptr, b, g, k, q, C, HW, CG, stride_c, stride_hw, HAS_ADD: tl.constexpr):
+    """x and add of the group's value at channel k, position q."""
+    c = g * CG + k
+    xv = tl.load(x_ptr + b.to(tl.int64) * C * HW + c.to(tl.int64) * stride_c + q.to(tl.int64) * stride_hw)
+    av = 0.0
     if HAS_ADD:
-        pa = tl.load(add_ptr + b * C + g * CG).to(tl.float32)
-    return px, pa
+        av = tl.load(add_ptr + b * C + c).to(tl.float32)
+    return xv.to(tl.float32), av
+
+
+@triton.jit
+def _pivot(x_ptr, add_ptr, b, g, C, HW, CG, stride_c, stride_hw, HAS_ADD: tl.constexpr):
+    """The group's pivot (csrc/include/ddpm_fast/group_norm.h, gn_pivot): of its values x + add at
+    (channel 0, position 0), (CG / 2, HW / 2) and (CG - 1, HW - 1), the median's x and add.  Values are
+    taken relative to it, (x - px) + (add - pa), exact for a large mean with a small spread; each
+    rounds at |pivot - mean| 2^-24, and the median of three is not an outlier unless two are."""
+    z = g * 0  # a tensor: CG or HW equal to 1 arrive as constants, and ints have no .to()
+    x0, a0 = _pivot_value(x_ptr, add_ptr, b, g, z, z, C, HW, CG, stride_c, stride_hw, HAS_ADD)
+    x1, a1 = _pivot_value(x_ptr, add_ptr, b, g, z + CG // 2, z + HW // 2, C, HW, CG, stride_c, stride_hw, HAS_ADD)
+    x2, a2 = _pivot_value(x_ptr, add_ptr, b, g, z + CG - 1, z + HW - 1, C, HW, CG, stride_c, stride_hw, HAS_ADD)
+    v0, v1, v2 = x0 + a0, x1 + a1, x2 + a2
+    mid = (v0 <= v1) == (v1 <= v2)
+    first = (v1 <= v0) == (v0 <= v2)
+    return tl.where(mid, x1, tl.where(first, x0, x2)), tl.where(mid, a1, tl.where(first, a0, a2))
 
 
 @triton.jit
@@ -106,7 +125,7 @@ def _gn_onchip(x_ptr, y_ptr, w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, mea
     b, g = bg // G, bg % G
     hw = tl.arange(0, BLOCK_HW)
     cl = tl.arange(0, BLOCK_C)
-    px, pa = _pivot(x_ptr, add_ptr, b, g, C, HW, CG, stride_c, HAS_ADD)
+    px, pa = _pivot(x_ptr, add_ptr, b, g, C, HW, CG, stride_c, stride_hw, HAS_ADD)
     add = _channel_add(add_ptr, b, g, cl, C, CG, pa, HAS_ADD)
     d, offs, mask = _load_tile(x_ptr, b, g, hw, cl, HW, C, CG, stride_c, stride_hw, px, add)
     mean = tl.sum(tl.sum(d, 1), 0) / count
@@ -126,17 +145,29 @@ def _gn_stats(x_ptr, add_ptr, part_ptr, G, C, HW, CG, stride_c, stride_hw, chunk
     s = tl.program_id(1)
     b, g = bg // G, bg % G
     cl = tl.arange(0, BLOCK_C)
-    px, pa = _pivot(x_ptr, add_ptr, b, g, C, HW, CG, stride_c, HAS_ADD)
+    px, pa = _pivot(x_ptr, add_ptr, b, g, C, HW, CG, stride_c, stride_hw, HAS_ADD)
     add = _channel_add(add_ptr, b, g, cl, C, CG, pa, HAS_ADD)
-    acc1 = tl.zeros((BLOCK_HW, BLOCK_C), tl.float32)
-    acc2 = tl.zeros((BLOCK_HW, BLOCK_C), tl.float32)
-    for start in range(s * chunk, tl.minimum((s + 1) * chunk, HW), BLOCK_HW):
+    # Per tile element: its count, mean and M2 so far.  Only the slice's last tile can end past HW,
+    # so every element still in the group has been in every tile so far: the count is the tile's.
+    # Elements past HW in the last tile keep what they had (d is 0 there, their mean need not be).
+    cnt = tl.zeros((BLOCK_HW, BLOCK_C), tl.float32)
+    mean = tl.zeros((BLOCK_HW, BLOCK_C), tl.float32)
+    m2 = tl.zeros((BLOCK_HW, BLOCK_C), tl.float32)
+    first = s * chunk
+    for start in range(first, tl.minimum((s + 1) * chunk, HW), BLOCK_HW):
         hw = start + tl.arange(0, BLOCK_HW)
-        d, _, _ = _load_tile(x_ptr, b, g, hw, cl, HW, C, CG, stride_c, stride_hw, px, add)
-        acc1 += d
-        acc2 += d * d
-    tl.store(part_ptr + (bg * S + s) * 2, tl.sum(tl.sum(acc1, 1), 0))
-    tl.store(part_ptr + (bg * S + s) * 2 + 1, tl.sum(tl.sum(acc2, 1), 0))
+        d, _, mask = _load_tile(x_ptr, b, g, hw, cl, HW, C, CG, stride_c, stride_hw, px, add)
+        inv = 1.0 / ((start - first) // BLOCK_HW + 1).to(tl.float32)
+        delta = tl.where(mask, d - mean, 0.0)
+        mean += delta * inv
+        m2 += delta * (d - mean)
+        cnt += mask.to(tl.float32)
+    n = tl.sum(tl.sum(cnt, 1), 0)
+    m = tl.sum(tl.sum(cnt * mean, 1), 0) / n
+    dm = mean - m
+    tl.store(part_ptr + (bg * S + s) * 3, n)
+    tl.store(part_ptr + (bg * S + s) * 3 + 1, m)
+    tl.store(part_ptr + (bg * S + s) * 3 + 2, tl.sum(tl.sum(m2 + cnt * dm * dm, 1), 0))
 
 
 @triton.jit
@@ -148,12 +179,15 @@ def _gn_norm(x_ptr, y_ptr, w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, mean_
     s = tl.program_id(1)
     b, g = bg // G, bg % G
     cl = tl.arange(0, BLOCK_C)
-    px, pa = _pivot(x_ptr, add_ptr, b, g, C, HW, CG, stride_c, HAS_ADD)
+    px, pa = _pivot(x_ptr, add_ptr, b, g, C, HW, CG, stride_c, stride_hw, HAS_ADD)
+    # The S partial moments merged: mean = sum n mean / n, M2 = sum (M2 + n (mean_s - mean)^2).
     sl = tl.arange(0, BLOCK_S)
-    s1 = tl.sum(tl.load(part_ptr + (bg * S + sl) * 2, mask=sl < S, other=0.0), 0)
-    s2 = tl.sum(tl.load(part_ptr + (bg * S + sl) * 2 + 1, mask=sl < S, other=0.0), 0)
-    md = s1 / count
-    rstd = 1.0 / tl.sqrt(tl.maximum(s2 / count - md * md, 0.0) + eps)
+    ns = tl.load(part_ptr + (bg * S + sl) * 3, mask=sl < S, other=0.0)
+    ms = tl.load(part_ptr + (bg * S + sl) * 3 + 1, mask=sl < S, other=0.0)
+    m2s = tl.load(part_ptr + (bg * S + sl) * 3 + 2, mask=sl < S, other=0.0)
+    md = tl.sum(ns * ms, 0) / count
+    dm = ms - md
+    rstd = 1.0 / tl.sqrt(tl.sum(m2s + ns * dm * dm, 0) / count + eps)
     if s == 0:
         tl.store(mean_ptr + bg, md)
         tl.store(rstd_ptr + bg, rstd)
@@ -221,7 +255,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight, bias, eps: float, add, 
         return y, mean, rstd
     BLOCK_HW = max(1, min(triton.next_power_of_2(HW), 2048 // BLOCK_C))
     S, chunk = _split_geometry(HW, BLOCK_HW, split)
-    part = torch.empty((B * G, S, 2), dtype=torch.float32, device=x.device)
+    part = torch.empty((B * G, S, 3), dtype=torch.float32, device=x.device)
     num_warps = _num_warps(BLOCK_HW * BLOCK_C)
     _gn_stats[(B * G, S)](x, ptrs[2], part, G, C, HW, CG, stride_c, stride_hw, chunk, S,
                           HAS_ADD=flags["HAS_ADD"], BLOCK_HW=BLOCK_HW, BLOCK_C=BLOCK_C, num_warps=num_warps)
@@ -274,11 +308,11 @@ def _gnb_tile(x_ptr, dy_ptr, b, g, hw, cl, HW, C, CG, stride_c, stride_hw, px, c
 
 @triton.jit
 def _gnb_group(x_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, b, g, bg, cl, C, HW, CG,
-               stride_c, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SCALE: tl.constexpr,
-               HAS_SHIFT: tl.constexpr):
+               stride_c, stride_hw, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_ADD: tl.constexpr,
+               HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
     """What every backward program of group (b, g) needs first: the pivot x, rstd, each channel's centre
     and its W, Bc."""
-    px, pa = _pivot(x_ptr, add_ptr, b, g, C, HW, CG, stride_c, HAS_ADD)
+    px, pa = _pivot(x_ptr, add_ptr, b, g, C, HW, CG, stride_c, stride_hw, HAS_ADD)
     add, W, Bc = _gnb_channels(w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, b, g * CG + cl, cl < CG, C, HAS_W,
                                HAS_B, HAS_ADD, HAS_SCALE, HAS_SHIFT)
     return px, tl.load(rstd_ptr + bg), (add - pa) - tl.load(mean_ptr + bg), W, Bc
@@ -295,8 +329,8 @@ def _gnb_onchip(dy_ptr, x_ptr, dx_ptr, sums_ptr, mean_ptr, rstd_ptr, w_ptr, bias
     c = g * CG + cl
     cmask = cl < CG
     px, rstd, centre, W, Bc = _gnb_group(x_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr,
-                                         b, g, bg, cl, C, HW, CG, stride_c, HAS_W, HAS_B, HAS_ADD, HAS_SCALE,
-                                         HAS_SHIFT)
+                                         b, g, bg, cl, C, HW, CG, stride_c, stride_hw, HAS_W, HAS_B, HAS_ADD,
+                                         HAS_SCALE, HAS_SHIFT)
     xh, gz, offs, mask = _gnb_tile(x_ptr, dy_ptr, b, g, tl.arange(0, BLOCK_HW), cl, HW, C, CG, stride_c, stride_hw,
                                    px, centre, rstd, W, Bc, SILU)
     s1 = tl.sum(gz, 0)
@@ -320,8 +354,8 @@ def _gnb_sums(dy_ptr, x_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, add_
     b, g = bg // G, bg % G
     cl = tl.arange(0, BLOCK_C)
     px, rstd, centre, W, Bc = _gnb_group(x_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr,
-                                         b, g, bg, cl, C, HW, CG, stride_c, HAS_W, HAS_B, HAS_ADD, HAS_SCALE,
-                                         HAS_SHIFT)
+                                         b, g, bg, cl, C, HW, CG, stride_c, stride_hw, HAS_W, HAS_B, HAS_ADD,
+                                         HAS_SCALE, HAS_SHIFT)
     acc1 = tl.zeros((BLOCK_HW, BLOCK_C), tl.float32)
     acc2 = tl.zeros((BLOCK_HW, BLOCK_C), tl.float32)
     acc3 = tl.zeros((BLOCK_HW, BLOCK_C), tl.float32)
@@ -350,8 +384,8 @@ def _gnb_dx(dy_ptr, x_ptr, dx_ptr, sums_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr
     c = g * CG + cl
     cmask = cl < CG
     px, rstd, centre, W, Bc = _gnb_group(x_ptr, mean_ptr, rstd_ptr, w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr,
-                                         b, g, bg, cl, C, HW, CG, stride_c, HAS_W, HAS_B, HAS_ADD, HAS_SCALE,
-                                         HAS_SHIFT)
+                                         b, g, bg, cl, C, HW, CG, stride_c, stride_hw, HAS_W, HAS_B, HAS_ADD,
+                                         HAS_SCALE, HAS_SHIFT)
     k = tl.arange(0, BLOCK_S)
     rows = part_ptr + (bg * S + k[:, None]) * 3 * BLOCK_C + cl[None, :]
     pmask = (k[:, None] < S) & cmask[None, :]

@@ -3,9 +3,12 @@
 // A group is n = Cg * HW values; element e of group g of sample b sits at (b*C + g*Cg)*HW + e in
 // NCHW (the group is contiguous) and at b*HW*C + (e / Cg)*C + g*Cg + e % Cg in channels_last.
 //
-// Backward, from the forward's saved statistics (fp32 [B, G]): rstd, and mean taken relative to
-// the group's first value, md = mean(x + add) - (x + add)[first] (with px, pa that element's x and
-// add, exact for a large mean with a small spread).  Per channel c of sample b, W = w (1 + scale)
+// Every kernel takes a group's values relative to its pivot (px, pa), the x and add of one of its
+// values (gn_pivot): d = (x - px) + (add - pa), exact for a large mean with a small spread, where
+// sums of x itself would lose the spread's digits.  Its statistics are the moments of d (GnMoments).
+//
+// Backward, from the forward's saved statistics (fp32 [B, G]): rstd, and the mean taken relative to
+// the pivot, md = mean(x + add) - (px + pa).  Per channel c of sample b, W = w (1 + scale)
 // and Bc = bias (1 + scale) + shift, so that z = xhat W + Bc and y = act(z):
 //   xhat = ((x - px) + centre) rstd, centre = (add - pa) - md          recomputed, never saved
 //   gz   = dy act'(z)                                   act' = sigmoid (1 + z (1 - sigmoid)) for SiLU
@@ -60,6 +63,42 @@ DF_HD float gn_silu_grad(float dy, float z, float sig) { return dy * sig * (1.0f
 
 DF_HD float gn_dx(float gz, float xhat, float W, float rstd, float m1, float m2) {
   return rstd * ((W * gz - m1) - xhat * m2);
+}
+
+// Statistics of a set of values d: their count, mean and sum of squared deviations M2.  Partial
+// moments merge without cancellation (Chan et al.): every term is non-negative, so the variance
+// keeps its digits whatever the values' distance from the pivot, unlike sum d^2 / n - mean^2,
+// which loses them all when one value (the pivot, say) lies far from the rest.
+struct GnMoments {
+  float n, mean, m2;
+};
+
+DF_HD GnMoments gn_merge(GnMoments a, GnMoments b) {
+  const float n = a.n + b.n;
+  if (n == 0.0f) return a;
+  const float delta = b.mean - a.mean, r = b.n / n;
+  return GnMoments{n, a.mean + delta * r, a.m2 + b.m2 + delta * delta * a.n * r};
+}
+
+// The group's pivot: of its values v = x + add at (channel 0, position 0), (CG / 2, HW / 2) and
+// (CG - 1, HW - 1), the median's x and add.  Centring rounds each value at |pivot - mean| 2^-24, so
+// the pivot must not be an outlier: the median of three leaves one out, wherever it lies.
+struct GnPivot {
+  float px, pa;
+};
+
+template <typename T>
+DF_HD GnPivot gn_pivot(const T* x, const GroupNormParams& p, int64_t b, int64_t g) {
+  const int64_t ks[3] = {0, p.CG / 2, p.CG - 1}, qs[3] = {0, p.HW / 2, p.HW - 1};
+  float xs[3], as[3], v[3];
+  for (int i = 0; i < 3; ++i) {
+    const int64_t c = g * p.CG + ks[i];
+    xs[i] = static_cast<float>(x[p.channels_last ? (b * p.HW + qs[i]) * p.C + c : (b * p.C + c) * p.HW + qs[i]]);
+    as[i] = p.add ? p.add[b * p.C + c] : 0.0f;
+    v[i] = xs[i] + as[i];
+  }
+  const int m = (v[0] <= v[1]) == (v[1] <= v[2]) ? 1 : (v[1] <= v[0]) == (v[0] <= v[2]) ? 0 : 2;
+  return GnPivot{xs[m], as[m]};
 }
 
 // Checks the op's arguments (schema-level guards; ops.py has already validated them) and
