@@ -4,13 +4,15 @@
 // Both layouts take every value as d = (x - px) + (add_c - pa) relative to its group's pivot
 // (gn_pivot: exact for a large mean with a small spread), gather the moments of d (count, mean,
 // M2: no cancellation, whatever d's distance from the pivot), then fold mean, rstd, weight, bias,
-// scale and shift into one multiply-add per channel, y = (d - mean) * A_c + B_c, then SiLU.  The loops are built for AVX-512/AVX2 (DF_CPU_CLONES) and run on fp32: straight on fp32
-// input, through a buffer for fp16/bf16.
+// scale and shift into one multiply-add per channel, y = (d - mean) * A_c + B_c, then SiLU.  The
+// loops are built for AVX-512/AVX2 (DF_CPU_CLONES) and run on fp32: straight on fp32 input, through
+// a buffer for fp16/bf16.
 // - NCHW: at::parallel_for over (sample, group), >= ~32K values per thread so small maps do not pay
 //   for waking threads.  A group is Cg contiguous rows of HW (one row when there is no add).
 // - channels_last: a sample is HW rows of C contiguous channels, so the loops run across channels
 //   with per-channel pivots: slices of rows are the tasks; per-channel moments per slice (Welford's
-//   update, one row at a time) are merged per group, then the same slices write y.  Every cache line is used whole.
+//   update, one row at a time) are merged per group, then the same slices write y.  Every cache
+//   line is used whole.
 // The input is read twice, usually from cache, and written once: 2-3 * N * sizeof(T) bytes,
 // ~10 FLOPs per element (+~20 with SiLU).  The group's centred mean md and rstd go out for the backward.
 //
@@ -448,15 +450,18 @@ void gn_backward_channels_last(const scalar_t* dy, const scalar_t* x, scalar_t* 
   float *px_c = cols.data(), *rstd_c = px_c + BC, *centre_c = rstd_c + BC, *W_c = centre_c + BC, *B_c = W_c + BC;
   float *m1_c = B_c + BC, *m2_c = m1_c + BC;
   for (int64_t b = 0; b < B; ++b) {
-    for (int64_t c = 0; c < C; ++c) {
-      const int64_t bc = b * C + c, g = c / a.CG, bg = b * a.G + g;
-      const GnChannel ch = gn_channel(a, b, c);
+    for (int64_t g = 0; g < a.G; ++g) {
+      const int64_t bg = b * a.G + g;
       const GnPivot pv = gn_pivot(x, a, b, g);
-      px_c[bc] = pv.px;
-      rstd_c[bc] = rstd[bg];
-      centre_c[bc] = gn_centre(ch.add, pv.pa, mean[bg]);
-      W_c[bc] = ch.W;
-      B_c[bc] = ch.Bc;
+      for (int64_t c = g * a.CG; c < (g + 1) * a.CG; ++c) {
+        const int64_t bc = b * C + c;
+        const GnChannel ch = gn_channel(a, b, c);
+        px_c[bc] = pv.px;
+        rstd_c[bc] = rstd[bg];
+        centre_c[bc] = gn_centre(ch.add, pv.pa, mean[bg]);
+        W_c[bc] = ch.W;
+        B_c[bc] = ch.Bc;
+      }
     }
   }
   auto columns = [&](int64_t b) {

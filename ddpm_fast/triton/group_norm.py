@@ -12,8 +12,8 @@ A group is Cg = C / G channels x HW positions, seen as a [HW, Cg] tile whose str
 Every path works on d = (x - px) + (add - pa) relative to the group's pivot (_pivot), exact for a
 large mean with a small spread, so nothing rounds at the scale of the mean, and takes the
 variance from centred squares, never as E[d^2] - E[d]^2 (which loses every digit when one value
-lies far from the rest).  The group's mean of d and rstd (float32
-[B, G]) go out for the backward, which takes values relative to the same pivot.
+lies far from the rest).  The group's mean of d and rstd (float32 [B, G]) go out for the
+backward, which takes values relative to the same pivot.
 Bytes: (1 or 2) * N + N times sizeof(T); ~10 FLOPs per element (+4 with SiLU).
 
 Backward (formula in csrc/include/ddpm_fast/group_norm.h), the same two paths:
