@@ -63,7 +63,7 @@ def _pivot(x_ptr, add_ptr, b, g, C, HW, CG, stride_c, stride_hw, HAS_ADD: tl.con
     x2, a2 = _pivot_value(x_ptr, add_ptr, b, g, z + CG - 1, z + HW - 1, C, HW, CG, stride_c, stride_hw, HAS_ADD)
     v0, v1, v2 = x0 + a0, x1 + a1, x2 + a2
     mid = (v0 <= v1) == (v1 <= v2)
-    first = (v1 <= v0) == (v0 <= v2)
+    first = (v1 < v0) == (v0 < v2)
     return tl.where(mid, x1, tl.where(first, x0, x2)), tl.where(mid, a1, tl.where(first, a0, a2))
 
 

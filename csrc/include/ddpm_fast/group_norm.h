@@ -97,7 +97,7 @@ DF_HD GnPivot gn_pivot(const T* x, const GroupNormParams& p, int64_t b, int64_t 
     as[i] = p.add ? p.add[b * p.C + c] : 0.0f;
     v[i] = xs[i] + as[i];
   }
-  const int m = (v[0] <= v[1]) == (v[1] <= v[2]) ? 1 : (v[1] <= v[0]) == (v[0] <= v[2]) ? 0 : 2;
+  const int m = (v[0] <= v[1]) == (v[1] <= v[2]) ? 1 : (v[1] < v[0]) == (v[0] < v[2]) ? 0 : 2;
   return GnPivot{xs[m], as[m]};
 }
 
