@@ -64,9 +64,11 @@ def main(argv=None) -> int:
                 print(f"p_step/q_sample {dtype} {tuple(shape)} {fmt}: rel err {err:.1e} / {qerr:.1e} "
                       f"{'ok' if ok else 'FAIL'}")
     for dtype in DTYPES:
-        # on-chip, split-reduction and (channels_last, 3 channels a group: narrower than a sector) rows paths,
-        # and 4096 channels a group: the backward's largest [3][CG] shared table (48 KiB, no opt-in)
-        for shape, groups in (((17, 64, 5, 7), 32), ((1, 64, 33, 31), 8), ((2, 96, 9, 11), 32), ((1, 4096, 2, 3), 1)):
+        # the on-chip, split and (channels_last groups narrower than a sector) rows paths, each with
+        # scalar, 4-value and (16-bit) 8-value accesses on a GPU of 65 to 192 SMs (tests/test_group_norm.py's
+        # CUDA_GN_PATHS), and 4096 channels a group: the backward's largest [3][CG] shared table (48 KiB)
+        for shape, groups in (((17, 128, 4, 4), 64), ((1, 64, 33, 31), 8), ((2, 96, 9, 11), 32), ((3, 64, 6, 5), 16),
+                              ((1, 4096, 2, 4), 1)):
             for fmt in (torch.contiguous_format, torch.channels_last):
                 B, C = shape[:2]
                 x = torch.randn(shape, device=dev).to(dtype).contiguous(memory_format=fmt)

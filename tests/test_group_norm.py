@@ -1,3 +1,6 @@
+import json
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -213,19 +216,20 @@ def test_kernel_no_affine_and_3d(backend, gen, poison):
 
 
 # The CUDA kernel's paths (csrc/cuda/group_norm.cu): the on-chip path at each block size when the
-# grid of one block per group fills the GPU (these hold for 65 to 192 SMs), else the rows path for
-# narrow channels_last groups or the split path, for few groups or groups over 16384 values (8192
-# with scalar accesses); vector widths from the group's contiguous run (HW in NCHW, CG in
-# channels_last) and the pointers' alignment (offset).
+# grid of one block per group fills the GPU, else the rows path for narrow channels_last groups or
+# the split path, for few groups or groups over 16384 values (8192 with scalar accesses); vector
+# widths from the group's contiguous run (HW in NCHW, CG in channels_last) and the pointers'
+# alignment (offset).  A tensor of H = W = 1 is contiguous in both layouts and runs as NCHW.
 CUDA_GN_CASES = {
     "onchip64-cg1": ((64, 64, 4, 4), 64),      # 4096 groups of 16 values, 64 threads
     "onchip256": ((32, 128, 32, 32), 32),      # 1024 groups of 4096, 256 threads; CG = 4
-    "onchip1024": ((4, 128, 64, 64), 32),      # 128 groups of 16384, 1024 threads (scalar: split)
+    "onchip1024": ((4, 128, 64, 64), 32),      # 128 groups of 16384, 1024 threads (scalar: split or rows)
     "onchip-odd": ((96, 40, 7, 7), 8),         # CG = 5, HW = 49: scalar accesses
     "onchip512-odd": ((12, 64, 27, 27), 8),    # 96 groups of 5832 scalar values, 512 threads
     "split-batch1": ((1, 64, 16, 16), 4),      # 4 groups
     "split-large-group": ((2, 64, 40, 32), 4),  # 20480 values a group
     "split-odd": ((3, 40, 7, 7), 8),
+    "split-wide-c": ((1, 512, 4, 4), 256),     # channels_last CG = 2, scalar: 512 lanes do not fit a rows block
     "hw1-b1": ((1, 12, 1, 1), 4),
     "hw1-cg8": ((5, 64, 1, 1), 8),
     "cg24": ((2, 48, 9, 9), 2),                # channels_last: 3 vectors a position
@@ -234,9 +238,55 @@ CUDA_GN_CASES = {
     "rows-many-tiles": ((1, 128, 64, 64), 32),
     "rows-cg1": ((2, 64, 8, 8), 64),           # 128 groups of 64: too little work for on-chip
     "rows-cg3-odd": ((1, 48, 5, 7), 16),       # 48 scalar lanes, 5 rows a step, 35 rows
-    "rows-hw1": ((1, 64, 1, 1), 16),
-    "rows-wide-c": ((1, 512, 4, 4), 256),      # CG = 2, scalar: 512 lanes do not fit, split path
+    "rows-hw2": ((1, 64, 1, 2), 16),
+    "rows-cg8": ((2, 64, 3, 3), 8),            # 16-bit: 8-value accesses (float32 CG = 8 fills a sector: split)
 }
+
+# The path each case takes on a GPU of 65 to 192 SMs (A100, H100, H200), as "path threads/vector
+# width" of its stats kernel: float32, float32 one element off, bfloat16, bfloat16 four elements off
+# (8-byte aligned: 4-value accesses), in NCHW, then the same in channels_last.
+CUDA_GN_PATHS = {
+    "onchip64-cg1": "onchip64/4 onchip64/1 onchip64/8 onchip64/4  onchip64/1 onchip64/1 onchip64/1 onchip64/1",
+    "onchip256": "onchip256/4 onchip256/1 onchip256/8 onchip256/4  onchip256/4 onchip256/1 onchip256/4 onchip256/4",
+    "onchip1024": "onchip1024/4 split/1 onchip1024/8 onchip1024/4  onchip1024/4 rows/1 onchip1024/4 onchip1024/4",
+    "onchip-odd": "onchip64/1 onchip64/1 onchip64/1 onchip64/1  onchip64/1 onchip64/1 onchip64/1 onchip64/1",
+    "onchip512-odd": "onchip512/1 onchip512/1 onchip512/1 onchip512/1  onchip512/4 onchip512/1 onchip512/8 onchip512/4",
+    "split-batch1": "split/4 split/1 split/8 split/4  split/4 split/1 split/8 split/4",
+    "split-large-group": "split/4 split/1 split/8 split/4  split/4 split/1 split/8 split/4",
+    "split-odd": "split/1 split/1 split/1 split/1  rows/1 rows/1 rows/1 rows/1",
+    "split-wide-c": "split/4 split/1 split/8 split/4  split/1 split/1 split/1 split/1",
+    "hw1-b1": "split/1 split/1 split/1 split/1  split/1 split/1 split/1 split/1",
+    "hw1-cg8": "split/1 split/1 split/1 split/1  split/1 split/1 split/1 split/1",
+    "cg24": "split/1 split/1 split/1 split/1  split/4 split/1 split/8 split/4",
+    "rows-cg4-b1": "split/4 split/1 split/8 split/4  rows/4 rows/1 rows/4 rows/4",
+    "rows-many-tiles": "split/4 split/1 split/8 split/4  rows/4 rows/1 rows/4 rows/4",
+    "rows-cg1": "split/4 split/1 split/8 split/4  rows/1 rows/1 rows/1 rows/1",
+    "rows-cg3-odd": "split/1 split/1 split/1 split/1  rows/1 rows/1 rows/1 rows/1",
+    "rows-hw2": "split/1 split/1 split/1 split/1  rows/4 rows/1 rows/4 rows/4",
+    "rows-cg8": "split/1 split/1 split/1 split/1  split/4 split/1 rows/8 rows/4",
+}
+# Each path's kernels, in launch order.
+CUDA_GN_KERNELS = {"onchip": ["gn_onchip"], "rows": ["gn_rows_stats", "gn_rows_finalize", "gn_rows_norm"],
+                   "split": ["gn_stats", "gn_norm"]}
+
+
+def cuda_gn_path(fn, trace):
+    """The path fn's GroupNorm takes, as in CUDA_GN_PATHS, from the kernels the profiler saw it launch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(str(trace))
+    with open(trace) as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("cat") == "kernel" and "::gn_" in e["name"]]
+    events.sort(key=lambda e: e["ts"])
+    launched = [re.search(r"::(gn_\w+)<([^<>]*)>", e["name"]) for e in events]
+    names = [m.group(1) for m in launched]
+    path = next((k for k, v in CUDA_GN_KERNELS.items() if v == names), None)
+    assert path is not None, f"an unknown sequence of GroupNorm kernels: {[e['name'] for e in events]}"
+    V = launched[0].group(2).split(",")[-1].strip()
+    return f"onchip{events[0]['args']['block'][0]}/{V}" if path == "onchip" else f"{path}/{V}"
 
 
 @pytest.mark.cuda
@@ -251,6 +301,24 @@ def test_cuda_paths(case, dtype, fmt, offset, flags, gen, poison):
     full = flags == "all"
     gn_kernel_vs_reference("cuda", dtype, shape, G, fmt, ("add", "scale", "shift") if full else (), full, gen,
                            affine=full, offset=offset)
+
+
+@pytest.mark.cuda
+@needs("cuda")
+@pytest.mark.parametrize("case", list(CUDA_GN_CASES))
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_cuda_paths_are_the_ones_named(case, fmt, gen, tmp_path):
+    """Each case runs the path, block size and vector width CUDA_GN_PATHS gives it, so that the path
+    tests cover every kernel at each width."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    if not 65 <= sms <= 192:
+        pytest.skip(f"CUDA_GN_PATHS holds for 65 to 192 SMs, this GPU has {sms}")
+    shape, G = CUDA_GN_CASES[case]
+    got = []
+    for dtype, offset in ((torch.float32, 0), (torch.float32, 1), (torch.bfloat16, 0), (torch.bfloat16, 4)):
+        x = offset_view(layout(torch.randn(shape, generator=gen), fmt).to("cuda", dtype), offset)
+        got.append(cuda_gn_path(lambda: df.group_norm(x, G, silu=True, backend="cuda"), tmp_path / "trace.json"))
+    assert got == CUDA_GN_PATHS[case].split()[4 * (fmt == "channels_last"):][:4]
 
 
 @pytest.mark.cuda
