@@ -270,12 +270,12 @@ CUDA_GN_KERNELS = {"onchip": ["gn_onchip"], "rows": ["gn_rows_stats", "gn_rows_f
                    "split": ["gn_stats", "gn_norm"]}
 
 
-def cuda_gn_path(fn, trace):
-    """The path fn's GroupNorm takes, as in CUDA_GN_PATHS, from the kernels the profiler saw it launch."""
+def cuda_gn_path(x, G, trace):
+    """The path x's GroupNorm takes, as in CUDA_GN_PATHS, from the kernels the profiler saw it launch."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
+        df.group_norm(x, G, silu=True, backend="cuda")
         torch.cuda.synchronize()
     prof.export_chrome_trace(str(trace))
     with open(trace) as f:
@@ -317,7 +317,7 @@ def test_cuda_paths_are_the_ones_named(case, fmt, gen, tmp_path):
     got = []
     for dtype, offset in ((torch.float32, 0), (torch.float32, 1), (torch.bfloat16, 0), (torch.bfloat16, 4)):
         x = offset_view(layout(torch.randn(shape, generator=gen), fmt).to("cuda", dtype), offset)
-        got.append(cuda_gn_path(lambda: df.group_norm(x, G, silu=True, backend="cuda"), tmp_path / "trace.json"))
+        got.append(cuda_gn_path(x, G, tmp_path / "trace.json"))
     assert got == CUDA_GN_PATHS[case].split()[4 * (fmt == "channels_last"):][:4]
 
 
