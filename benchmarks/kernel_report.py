@@ -425,8 +425,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--before", required=True, help="git revision of the 'before' sources")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / f"kernels-sm{ARCH}.md"))
     args = p.parse_args(argv)
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip() or "working tree"
+    # The after tree is the checkout as it is: a report made before its change is committed names
+    # the commit it changes ("9b9b648-dirty"), not one that does not exist yet.
+    head = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty", "--abbrev=7"],
+                          capture_output=True, text=True).stdout.strip() or "working tree"
     with tempfile.TemporaryDirectory() as work:
         before = collect(_tree_at(args.before, Path(work)))
     after = collect(ROOT)
