@@ -151,6 +151,19 @@ def test_kernel_strided_inputs_and_cross_lengths(backend, dtype, gen):
     qs, ks, vs = (layout(t.contiguous(), "strided") for t in (q, k, v))
     assert qs.stride(-1) != 1
     assert_close_to_float64(df.attention(qs, ks, vs, backend=backend), df.reference.attention(q64, k64, v64), q, k, v)
+    # d innermost, but a row pitch of 70 elements (not 16-byte multiples): no vector loads either
+    wide = torch.randn(3, 2, 40, 70, generator=gen).to(dev, dtype)
+    qw, kw, vw = (wide[i:i + 1, :, :, :64] for i in range(3))
+    assert qw.stride(-1) == 1 and qw.stride(-2) == 70
+    assert_close_to_float64(df.attention(qw, kw, vw, backend=backend),
+                            df.reference.attention(qw.double(), kw.double(), vw.double()), qw, kw, vw)
+    # one key/value head read by every query head (stride 0 over heads), as multi-query attention does
+    k1, v1 = k.expand(2, 3, 40, 64), v.expand(2, 3, 40, 64)
+    q3 = qkv[..., :64].reshape(2, 40, 1, 64).expand(2, 40, 3, 64).transpose(1, 2) * torch.tensor(
+        [1.0, -0.5, 2.0], device=dev, dtype=dtype).view(1, 3, 1, 1)
+    assert k1.stride(1) == 0
+    assert_close_to_float64(df.attention(q3, k1, v1, backend=backend),
+                            df.reference.attention(q3.double(), k1.double(), v1.double()), q3, k1, v1)
     assert torch.equal(qkv, qkv_before)
 
 
