@@ -426,9 +426,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / f"kernels-sm{ARCH}.md"))
     args = p.parse_args(argv)
     # The after tree is the checkout as it is: a report made before its change is committed names
-    # the commit it changes ("9b9b648-dirty"), not one that does not exist yet.
-    head = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty", "--abbrev=7"],
-                          capture_output=True, text=True).stdout.strip() or "working tree"
+    # the commit it changes, marked so, not one that does not exist yet.
+    git = ["git", "-C", str(ROOT)]
+    head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    changed = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no", "--", "csrc", "ddpm_fast"],
+                             capture_output=True, text=True).stdout.strip()
+    head = f"{head} with uncommitted changes" if head and changed else head or "working tree"
     with tempfile.TemporaryDirectory() as work:
         before = collect(_tree_at(args.before, Path(work)))
     after = collect(ROOT)
