@@ -134,3 +134,34 @@ def store_slack(backend: str, dtype: torch.dtype) -> float:
     nearest even: up to twice the rounding error, so bf16 bounds double there and only there."""
     interpreted = backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
     return 2.0 if interpreted and dtype == torch.bfloat16 else 1.0
+
+
+# Tensors of more than 2^31 elements, past what an int32 offset reaches: GPU tests only (4 GiB a bfloat16
+# tensor), for the kernels that run there.
+GPU_KERNEL_BACKENDS = [
+    pytest.param("triton", marks=[requires_cuda, needs("triton"), pytest.mark.triton]),
+    pytest.param("cuda", marks=[requires_cuda, needs("cuda"), pytest.mark.cuda]),
+]
+
+
+def batch_past_int32(sample_numel: int, tail: int = 4) -> int:
+    """A batch of samples of `sample_numel` elements whose last `tail` samples start past element 2^31."""
+    return 2**31 // sample_numel + 1 + tail
+
+
+@pytest.fixture
+def past_int32(gen):
+    """A CUDA generator seeded from gen, for inputs of over 2^31 elements made on the GPU.  One such test
+    runs at a time, across pytest-xdist's workers too (a file lock): eight at once could hold over 100 GB.
+    Afterwards the caching allocator returns their memory, which it would otherwise keep for the worker."""
+    import fcntl
+    import tempfile
+
+    with open(os.path.join(tempfile.gettempdir(), "ddpm-fast-past-int32.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        g = torch.Generator("cuda")
+        g.manual_seed(int(torch.randint(2**62, (), generator=gen)))
+        try:
+            yield g
+        finally:
+            torch.cuda.empty_cache()

@@ -63,7 +63,8 @@ def test_bad_input(q, k, v, exc, match):
 
 
 # ----------------------------------------------------------------- fused kernels
-from conftest import backend_device, layout, needs, requires_cuda  # noqa: E402
+from conftest import (GPU_KERNEL_BACKENDS, backend_device, batch_past_int32, layout, needs,  # noqa: E402
+                      requires_cuda)
 
 
 def test_cublas_workspace_is_fixed_before_cuda_starts():
@@ -165,6 +166,21 @@ def test_kernel_strided_inputs_and_cross_lengths(backend, dtype, gen):
     assert_close_to_float64(df.attention(q3, k1, v1, backend=backend),
                             df.reference.attention(q3.double(), k1.double(), v1.double()), q3, k1, v1)
     assert torch.equal(qkv, qkv_before)
+
+
+@pytest.mark.parametrize("backend", GPU_KERNEL_BACKENDS)
+def test_gpu_offsets_past_int32(backend, past_int32, poison):
+    """q, k, v and the output over 2^31 bfloat16 elements each (4 GiB), B x H = 131077 rows of the grid:
+    every output element written, and the last four batch entries, which start past what an int32
+    offset reaches, within flash attention's rule against the float64 reference."""
+    B = batch_past_int32(256 * 64)
+    q, k, v = (torch.randn(B, 1, 256, 64, generator=past_int32, device="cuda", dtype=torch.bfloat16)
+               for _ in range(3))
+    out = df.attention(q, k, v, backend=backend)
+    assert out.numel() > 2**31 and bool(torch.isfinite(out).all())
+    tail = slice(B - 4, B)
+    qt, kt, vt = q[tail], k[tail], v[tail]
+    assert_close_to_float64(out[tail], df.reference.attention(qt.double(), kt.double(), vt.double()), qt, kt, vt)
 
 
 def unaligned_copy(x: torch.Tensor) -> torch.Tensor:

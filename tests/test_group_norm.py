@@ -81,7 +81,8 @@ def test_bad_input(kw, exc, match):
 
 
 # ----------------------------------------------------------------- fused kernels
-from conftest import KERNEL_BACKENDS, backend_device, gn_with_outlier, layout, needs, store_slack  # noqa: E402
+from conftest import (GPU_KERNEL_BACKENDS, KERNEL_BACKENDS, backend_device, batch_past_int32,  # noqa: E402
+                      gn_with_outlier, layout, needs, store_slack)
 
 GN_OPTIONS = [(), ("add",), ("scale", "shift"), ("add", "scale", "shift")]
 
@@ -208,6 +209,24 @@ def test_kernel_channels_last_row_slices(backend, dtype, mean, std, gen, poison)
                                gen, mean=mean, std=std)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("backend", GPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_gpu_offsets_past_int32(backend, fmt, gen, past_int32, poison):
+    """Over 2^31 bfloat16 elements (4 GiB a tensor) in 2M groups: every output element written, and the
+    first and last four samples (these start past what an int32 offset reaches) within the rounding
+    rule of the float64 reference."""
+    B = batch_past_int32(128 * 16 * 16)
+    x = layout(torch.randn(B, 128, 16, 16, generator=past_int32, device="cuda", dtype=torch.bfloat16), fmt)
+    w, b = (torch.randn(128, generator=gen).to("cuda", torch.bfloat16) for _ in range(2))
+    y = df.group_norm(x, 32, w, b, silu=True, backend=backend)
+    assert y.numel() > 2**31 and bool(torch.isfinite(y).all())
+    for part in (slice(0, 4), slice(B - 4, B)):
+        xp = x[part]
+        ref = df.reference.group_norm(xp.double(), 32, w.double(), b.double(), silu=True)
+        eager = df.reference.group_norm(xp, 32, w, b, silu=True)
+        assert rel_err(y[part], ref) <= max(2 * rel_err(eager, ref), torch.finfo(torch.bfloat16).eps / 2), part
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

@@ -196,7 +196,8 @@ def test_bad_input(kw, exc, match):
 
 
 # ----------------------------------------------------------------- fused kernels
-from conftest import KERNEL_BACKENDS, backend_device, layout, requires_cuda, store_slack  # noqa: E402
+from conftest import (GPU_KERNEL_BACKENDS, KERNEL_BACKENDS, backend_device, batch_past_int32, layout,  # noqa: E402
+                      requires_cuda, store_slack)
 
 OPTION_SETS = list(itertools.product(PREDICTIONS, ["fixed_small", "fixed_large", "learned_range"], [False, True],
                                      ["posterior", "eps"]))
@@ -271,6 +272,29 @@ def test_kernel_channels_last_tiles(backend, dtype, shape, variance, gen, poison
 def test_cuda_more_samples_than_grid_rows(fmt, gen, poison):
     """B > 65535: the kernels' sample loop (blockIdx.y strides by gridDim.y)."""
     kernel_vs_reference("cuda", torch.float32, (70000, 2, 1, 2), fmt, gen, variance="learned_range")
+
+
+@pytest.mark.parametrize("backend", GPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_gpu_offsets_past_int32(backend, fmt, gen, past_int32, poison):
+    """Over 2^31 bfloat16 elements (4 GiB a tensor): every output element written, and the last four
+    samples, which start past what an int32 offset reaches, the values the op gives for them alone and
+    the float64 reference's."""
+    B = batch_past_int32(3 * 64 * 64)
+    s = df.NoiseSchedule.linear(1000)
+    x, out = (layout(torch.randn(B, 3, 64, 64, generator=past_int32, device="cuda", dtype=torch.bfloat16), fmt)
+              for _ in range(2))
+    t = torch.randint(0, 1000, (B,), generator=past_int32, device="cuda")
+    seed = int(torch.randint(0, 2**62, (), generator=gen))
+    y = df.p_step(x, out, t, s, seed=seed, backend=backend)
+    assert y.numel() > 2**31 and bool(torch.isfinite(y).all())
+    tail = slice(B - 4, B)
+    xt, ot, tt = x[tail], out[tail], t[tail]
+    assert torch.equal(y[tail], df.p_step(xt, ot, tt, s, seed=seed, sample_offset=B - 4, backend=backend))
+    z = df.philox_randn(xt.shape, seed, t=tt, stream=0, sample_offset=B - 4, backend=backend)
+    ref = df.reference.p_step(xt.double(), ot.double(), tt, s, noise=z.double())
+    eager = df.reference.p_step(xt, ot, tt, s, noise=z.to(torch.bfloat16))
+    assert rel_err(y[tail], ref) <= max(2 * rel_err(eager, ref), torch.finfo(torch.bfloat16).eps / 2)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

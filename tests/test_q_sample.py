@@ -55,8 +55,8 @@ def test_bad_input(kw, exc, match):
 
 
 # ----------------------------------------------------------------- fused kernels
-from conftest import (KERNEL_BACKENDS, backend_device, layout, normal_bound, requires_cuda,  # noqa: E402
-                      rounding_bound, store_slack)
+from conftest import (GPU_KERNEL_BACKENDS, KERNEL_BACKENDS, backend_device, batch_past_int32, layout,  # noqa: E402
+                      normal_bound, requires_cuda, rounding_bound, store_slack)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -113,6 +113,27 @@ def test_cuda_more_samples_than_grid_rows(fmt, gen, poison):
     z = df.philox_randn(x0.shape, 4, t=t, stream=1, sample_offset=1, backend="cuda")
     assert torch.equal(eps, z)
     assert rel_err(x_t, df.reference.q_sample(x0.double(), t, s, noise=z.double())) < 1e-5
+
+
+@pytest.mark.parametrize("backend", GPU_KERNEL_BACKENDS)
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_gpu_offsets_past_int32(backend, fmt, gen, past_int32, poison):
+    """Over 2^31 bfloat16 elements (4 GiB): every output element written, and the last four samples, which
+    start past what an int32 offset reaches, the values the op gives for them alone and the float64
+    reference's."""
+    B = batch_past_int32(3 * 64 * 64)
+    s = df.NoiseSchedule.cosine(1000)
+    x0 = layout(torch.randn(B, 3, 64, 64, generator=past_int32, device="cuda", dtype=torch.bfloat16), fmt)
+    t = torch.randint(0, 1000, (B,), generator=past_int32, device="cuda")
+    seed = int(torch.randint(0, 2**62, (), generator=gen))
+    x_t = df.q_sample(x0, t, s, seed=seed, backend=backend)
+    assert x_t.numel() > 2**31 and bool(torch.isfinite(x_t).all())
+    tail = slice(B - 4, B)
+    assert torch.equal(x_t[tail], df.q_sample(x0[tail], t[tail], s, seed=seed, sample_offset=B - 4, backend=backend))
+    z = df.philox_randn(x0[tail].shape, seed, t=t[tail], stream=1, sample_offset=B - 4, backend=backend)
+    ref = df.reference.q_sample(x0[tail].double(), t[tail], s, noise=z.double())
+    eager = df.reference.q_sample(x0[tail], t[tail], s, noise=z.to(torch.bfloat16))
+    assert rel_err(x_t[tail], ref) <= max(2 * rel_err(eager, ref), torch.finfo(torch.bfloat16).eps / 2)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
