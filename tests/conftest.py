@@ -136,6 +136,15 @@ def store_slack(backend: str, dtype: torch.dtype) -> float:
     return 2.0 if interpreted and dtype == torch.bfloat16 else 1.0
 
 
+def flash_rule(eager_err: float, dtype: torch.dtype, slack: float = 1.0) -> float:
+    """The bound on a kernel's error against the float64 reference: 1e-5 in float32; in 16-bit dtypes
+    flash attention's rule, twice the error of eager PyTorch in the same dtype (`eager_err`), or one
+    output rounding where eager is exact, times `slack` (store_slack)."""
+    if dtype == torch.float32:
+        return 1e-5
+    return slack * max(2 * eager_err, torch.finfo(dtype).eps / 2)
+
+
 # Tensors of more than 2^31 elements, past what an int32 offset reaches: GPU tests only (4 GiB a bfloat16
 # tensor), for the kernels that run there.
 GPU_KERNEL_BACKENDS = [

@@ -55,8 +55,8 @@ def test_bad_input(kw, exc, match):
 
 
 # ----------------------------------------------------------------- fused kernels
-from conftest import (GPU_KERNEL_BACKENDS, KERNEL_BACKENDS, backend_device, batch_past_int32, layout,  # noqa: E402
-                      normal_bound, requires_cuda, rounding_bound, store_slack)
+from conftest import (GPU_KERNEL_BACKENDS, KERNEL_BACKENDS, backend_device, batch_past_int32, flash_rule,  # noqa: E402
+                      layout, normal_bound, requires_cuda, rounding_bound, store_slack)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -79,8 +79,7 @@ def test_kernel_matches_reference(backend, dtype, fmt, shape, return_noise, gen,
     ref = df.reference.q_sample(x0.double(), t, s, noise=z.double())
     eager = df.reference.q_sample(x0, t, s, noise=z.to(dtype))
     assert x_t.dtype == dtype and x_t.shape == x0.shape
-    bound = 1e-5 if dtype == torch.float32 else store_slack(backend, dtype) * max(
-        2 * rel_err(eager, ref), torch.finfo(dtype).eps / 2)  # the flash-attention rule, or one output rounding
+    bound = flash_rule(rel_err(eager, ref), dtype, store_slack(backend, dtype))
     assert rel_err(x_t, ref) <= bound
     if return_noise:  # eps is exactly the contract noise, rounded once to the output dtype
         assert ((eps.float() - z).abs() <= rounding_bound(z, dtype, store_slack(backend, dtype))).all()
@@ -133,7 +132,7 @@ def test_gpu_offsets_past_int32(backend, fmt, gen, past_int32, poison):
     z = df.philox_randn(x0[tail].shape, seed, t=t[tail], stream=1, sample_offset=B - 4, backend=backend)
     ref = df.reference.q_sample(x0[tail].double(), t[tail], s, noise=z.double())
     eager = df.reference.q_sample(x0[tail], t[tail], s, noise=z.to(torch.bfloat16))
-    assert rel_err(x_t[tail], ref) <= max(2 * rel_err(eager, ref), torch.finfo(torch.bfloat16).eps / 2)
+    assert rel_err(x_t[tail], ref) <= flash_rule(rel_err(eager, ref), torch.bfloat16)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
