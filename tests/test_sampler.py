@@ -144,6 +144,7 @@ def test_cuda_sampling_loop_makes_no_host_sync(gen, graphs):
     x = df.philox_randn((5, 1, 8, 8), 4, device="cuda")
     captured = {}
 
+    @torch.no_grad()  # as in sample(): a model output that requires grad sends p_step to the reference
     def loop():
         if graphs:
             return sampler._run_graphed(x, tables, t_model, 4, 0, None, captured)

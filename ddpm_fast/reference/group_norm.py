@@ -44,7 +44,9 @@ def group_norm_math(x, num_groups, weight, bias, eps, add, scale, shift, silu):
     hw = h[0, 0].numel() if B and C else 0
     g = h.reshape(B, num_groups, cg, hw)
     if g.numel():
-        g = g - g[:, :, [0, cg // 2, cg - 1], [0, hw // 2, hw - 1]].median(-1).values[..., None, None]
+        a, b, c = g[:, :, [0, cg // 2, cg - 1], [0, hw // 2, hw - 1]].unbind(-1)
+        # The median of three by min and max: Tensor.median raises on CUDA under deterministic algorithms.
+        g = g - torch.maximum(torch.minimum(a, b), torch.minimum(torch.maximum(a, b), c))[..., None, None]
     g = g.reshape(B, num_groups, -1)
     centred = g - g.mean(-1, keepdim=True)
     h = (centred * torch.rsqrt(centred.square().mean(-1, keepdim=True) + eps)).reshape(h.shape)

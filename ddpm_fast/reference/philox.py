@@ -31,7 +31,10 @@ def _mulhilo(a: torch.Tensor, m: int) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def philox4x32_10(c0, c1, c2, c3, k0, k1):
     """Random123's Philox4x32-10 on int64 tensors holding uint32 words (broadcasting)."""
-    c0, c1, c2, c3, k0, k1 = torch.broadcast_tensors(*[torch.as_tensor(v, dtype=torch.int64) for v in (c0, c1, c2, c3, k0, k1)])
+    words = (c0, c1, c2, c3, k0, k1)
+    # Python ints among the words become tensors on the tensors' device: broadcast_tensors does not move them.
+    device = next((v.device for v in words if isinstance(v, torch.Tensor)), None)
+    c0, c1, c2, c3, k0, k1 = torch.broadcast_tensors(*[torch.as_tensor(v, dtype=torch.int64, device=device) for v in words])
     for r in range(10):
         if r:
             k0 = (k0 + PHILOX_W0) & M32
