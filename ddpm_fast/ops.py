@@ -37,8 +37,10 @@ KERNELS = {
     "p_step": ("cpu", "cuda", "triton"),
     "picard_step": ("cpu", "cuda", "triton"),
     "group_norm": ("cpu", "cuda", "triton"),
-    # Triton first: it also takes fp32, and it is the path the test suite proves on every machine.
-    "attention": ("triton", "cuda"),
+    # CUDA first: on an H200 it ran 3.3x (fp16) and 3.4x (bf16) faster than Triton at 64x1x256x256
+    # (benchmarks/results/bench-cuda-quick.json); fp32 and GPUs before sm_80, which it refuses, go on
+    # to Triton.
+    "attention": ("cuda", "triton"),
 }
 
 
@@ -462,7 +464,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
     check_attention(q, k, v, scale)
     which = pick_backend("attention", backend, q.device, q.dtype, _needs_grad(q, k, v))
     if which in ("triton", "cuda"):
-        refusal = _attention_refusal(which, q)
+        later = KERNELS["attention"][KERNELS["attention"].index(which) + 1:] if backend == "auto" else ()
+        for which in (which, *(b for b in later if _status(b) is True)):
+            refusal = _attention_refusal(which, q)
+            if refusal is None:
+                break
         if refusal is None:
             scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
             if which == "triton":

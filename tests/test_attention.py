@@ -354,6 +354,28 @@ def test_large_head_dim_falls_back_once(gen):
                          q.to(backend_device("triton")), backend="triton")
 
 
+@pytest.mark.cuda
+@pytest.mark.triton
+@requires_cuda
+@needs("cuda")
+@needs("triton")
+def test_auto_runs_cuda_for_16_bit_and_triton_for_fp32(gen, monkeypatch):
+    """backend='auto' on a GPU takes the CUDA kernel for fp16/bf16 (the faster one in the H200 record,
+    ops.KERNELS) and goes on to Triton for fp32, which the CUDA kernel refuses."""
+    import ddpm_fast.triton.attention as tri
+
+    ran, real = [], tri.attention
+    monkeypatch.setattr(tri, "attention", lambda *args: ran.append(args[0].dtype) or real(*args))
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        q, k, v = (torch.randn(2, 3, n, 64, generator=gen).to("cuda", dtype) for n in (70, 45, 45))
+        out = df.attention(q, k, v)
+        ref = df.reference.attention(*(t.cpu().double() for t in (q, k, v)))
+        assert out.dtype == dtype and rel_err(out.cpu(), ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+        if dtype != torch.float32:
+            assert torch.equal(out, df.attention(q, k, v, backend="cuda"))
+    assert ran == [torch.float32]
+
+
 @pytest.mark.parametrize("heads,rescale,residual", [(1, 1.0, True), (2, 2.0, True), (1, 1.0, False)])
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
 def test_fused_processor_matches_diffusers_attention(heads, rescale, residual, fmt, gen):
