@@ -1,6 +1,7 @@
 """The benchmark harness writes what docs/architecture.md (Benchmarks) asks for; no timing is asserted."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -23,6 +24,14 @@ def test_time_fn_and_floors():
     f = harness.measure_floors(CPU, quick=True)
     assert f["copy_gbps"] > 0 and set(f["matmul_tflops"]) == {"float32", "bfloat16"}
     assert all(t > 0 for t in f["matmul_tflops"].values())
+
+
+def test_quick_gpu_runs_reach_the_bandwidth_targets_size():
+    from ddpm_fast.bench import diffusion, targets
+
+    largest = lambda device: max(math.prod(shape) for _, shape in diffusion.sizes(torch.device(device), True))  # noqa: E731
+    assert largest("cuda") >= targets.LARGE > largest("cpu")
+    assert diffusion.sizes(CPU, False) == diffusion.SIZES
 
 
 @pytest.mark.slow

@@ -53,6 +53,14 @@ def kernel_backends(op: str, device: torch.device) -> List[str]:
     return found or ["auto"]
 
 
+def sizes(device: torch.device, quick: bool) -> List[Tuple[str, Tuple[int, ...]]]:
+    """The shapes timed: on a GPU a quick run also takes the 16.8M-element one, where the bandwidth
+    targets are judged (it costs a GPU well under a millisecond a call)."""
+    if not quick:
+        return SIZES
+    return QUICK_SIZES + ([SIZES[-1]] if device.type == "cuda" else [])
+
+
 def _compiled(fn):
     return try_build(lambda: torch.compile(fn, dynamic=True))
 
@@ -67,7 +75,7 @@ def cases(op: str, device: torch.device, quick: bool, dtype: torch.dtype = torch
     compiled_q = _compiled(lambda x0: ref.q_sample(x0, T_BENCH, sched, noise=torch.randn_like(x0)))
     gen = torch.Generator(device=device)
     gen.manual_seed(0)
-    for label, shape in (QUICK_SIZES if quick else SIZES):
+    for label, shape in sizes(device, quick):
         x = torch.randn(shape, device=device, dtype=dtype)
         n, e = x.numel(), x.element_size()
         t_vec = torch.full((shape[0],), T_BENCH, device=device, dtype=torch.long)
