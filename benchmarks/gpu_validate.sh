@@ -66,18 +66,20 @@
 # (TRITON_CACHE_DIR, default build/triton-cache).  So, before the first call, with no device time spent:
 #   bash benchmarks/build_for_device.sh   # the extension for torch 2.11/Python 3.12/sm_90 (~10 min on
 #                                         # 2 cores) and the wheels the machines lack, in .whl/
-# then, carrying what its last line names, [".whl", "ddpm_fast/_C.cpython-312-x86_64-linux-gnu.so"]:
-#   1. WHEELS=.whl TORCH_CUDA_ARCH_LIST=9.0 BUDGET_S=540 TESTS_CAP_S=330 \
+# then, carrying what its last line names, [".whl", "ddpm_fast/_C.cpython-312-x86_64-linux-gnu.so"].
+# Seen on an H200 (2026-12-04): a start took ~30 s, build+tests with the carried extension 120 s (2562
+# tests at -n 8), sanitize 90 s, and bench-quick over all suites ran past its 300 s inside e2e.
+#   1. WHEELS=.whl TORCH_CUDA_ARCH_LIST=9.0 BUDGET_S=450 TESTS_CAP_S=200 \
 #        TEST_MARKERS='(cuda or triton) and not compile_only' \
-#        bash benchmarks/gpu_validate.sh --stage build+tests,sanitize,pack $OUT
-#      (timeout_s 600; the build stage finds the carried extension and takes seconds, or, should
-#      check_build refuse it there, rebuilds it for sm_90 alone; CI runs the CPU-only tests; the
-#      sanitizers share the ~190 s left)
+#        bash benchmarks/gpu_validate.sh --stage build+tests,sanitize,profile,pack $OUT
+#      (timeout_s 480; the build stage finds the carried extension and takes seconds, or, should
+#      check_build refuse it there, rebuilds it for sm_90 alone; CI runs the CPU-only tests; leave
+#      out sanitize when csrc/ is unchanged since benchmarks/results/h200/'s clean logs)
 #   2. at once (a machine stays warm 30 s, and a fresh one does not start with under 4 minutes left),
 #      carrying the same two paths again, with B = status's budget_left_s - 30 and timeout_s B + 25:
-#      WHEELS=.whl TORCH_CUDA_ARCH_LIST=9.0 BUDGET_S=B BENCH_ONLY=p_step,q_sample,group_norm \
+#      WHEELS=.whl TORCH_CUDA_ARCH_LIST=9.0 BUDGET_S=B BENCH_ONLY=e2e,group_norm,attention,p_step,q_sample \
 #        bash benchmarks/gpu_validate.sh --stage build,bench-quick,pack $OUT
-#   and give the machine back.  The profile stage and the rest of the record go to later leases.
+#   and give the machine back.  The suites left out and the full record go to later leases.
 # then: tar -xzf gpu-results.tar.gz; cat summary.txt (each stage's seconds: size the next lease by them)
 set -uo pipefail
 
