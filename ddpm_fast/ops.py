@@ -373,16 +373,22 @@ def group_norm(
     Differentiable in x, weight, bias, add, scale and shift on every backend: the kernels save the
     group statistics (float32 mean and rstd [B, G]) and their backward recomputes the rest."""
     check_group_norm(x, num_groups, weight, bias, eps, add, scale, shift)
-    which = pick_backend("group_norm", backend, x.device, x.dtype,
-                         _needs_grad(x, weight, bias, add, scale, shift))
+    grad = _needs_grad(x, weight, bias, add, scale, shift)
+    which = pick_backend("group_norm", backend, x.device, x.dtype, grad)
     if which == "reference":
         return group_norm_math(x, num_groups, weight, bias, eps, add, scale, shift, silu)
     x, channels_last = _layout(x)
     # The kernels read float32 parameters; .to() carries their gradients back to the callers' dtypes.
-    w, b, a, sc, sh = (None if p is None else p.to(torch.float32).contiguous()
-                       for p in (weight, bias, add, scale, shift))
+    w, b, a, sc, sh = (p if p is None or (p.dtype == torch.float32 and p.is_contiguous())
+                       else p.to(torch.float32).contiguous() for p in (weight, bias, add, scale, shift))
     kernel = _triton_group_norm_op() if which == "triton" else torch.ops.ddpm_fast.group_norm
-    return kernel(x, num_groups, w, b, float(eps), a, sc, sh, bool(silu), channels_last)[0]
+    args = (x, num_groups, w, b, float(eps), a, sc, sh, bool(silu), channels_last)
+    if grad or torch.compiler.is_compiling():
+        return kernel(*args)[0]
+    # Nothing to record: past the autograd wrapper that torch.library puts around the op, as that
+    # wrapper itself would go (a third of a small call's host time, which at batch 1 is all of it).
+    with torch._C._AutoDispatchBelowAutograd():
+        return kernel(*args)[0]
 
 
 def _gn_setup_context(ctx, inputs, output):
