@@ -2,6 +2,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -354,11 +355,39 @@ def test_large_head_dim_falls_back_once(gen):
                          q.to(backend_device("triton")), backend="triton")
 
 
+@pytest.mark.parametrize("dtype,capability,triton_ready,want", [
+    (torch.bfloat16, (9, 0), True, "cuda"), (torch.float16, (8, 0), True, "cuda"),
+    (torch.float32, (9, 0), True, "triton"), (torch.float16, (7, 5), True, "triton"),
+    (torch.float32, (9, 0), False, "sdpa"), (torch.float16, (7, 5), False, "sdpa"),
+])
+def test_auto_goes_on_to_the_next_kernel_where_one_refuses(dtype, capability, triton_ready, want, monkeypatch):
+    """ops.attention's walk down ops.KERNELS on a GPU, with the kernels stubbed: CUDA where it takes
+    the dtype and the GPU, else Triton, else SDPA (runs without a GPU)."""
+    from ddpm_fast import ops
+
+    tri = pytest.importorskip("ddpm_fast.triton.attention")
+    ran = []
+    monkeypatch.setattr(ops, "_STATUS", {"reference": True, "cpu": True, "cuda": True,
+                                         "triton": True if triton_ready else "triton: not installed"})
+    monkeypatch.setattr(ops, "pick_backend", lambda *args, **kwargs: "cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.ops.ddpm_fast, "attention", lambda q, *_: ran.append("cuda") or q, raising=False)
+    monkeypatch.setattr(tri, "attention", lambda q, *_: ran.append("triton") or q)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *_, **__: ran.append("sdpa") or q)
+    q = torch.randn(1, 1, 4, 8).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the SDPA fallback's one-time warning
+        assert ops.attention(q, q, q) is q
+    assert ran == [want]
+
+
 @pytest.mark.cuda
 @pytest.mark.triton
 @requires_cuda
 @needs("cuda")
 @needs("triton")
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 0),
+                    reason="the CUDA attention kernel needs sm_80 (auto takes Triton before it)")
 def test_auto_runs_cuda_for_16_bit_and_triton_for_fp32(gen, monkeypatch):
     """backend='auto' on a GPU takes the CUDA kernel for fp16/bf16 (the faster one in the H200 record,
     ops.KERNELS) and goes on to Triton for fp32, which the CUDA kernel refuses."""
