@@ -78,12 +78,20 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
+def _forward_ad() -> bool:
+    """Inside a forward-mode AD level (torch.autograd.forward_ad.dual_level, torch.func.jvp): dual
+    tensors do not require grad, and the ops' kernels would drop their tangents without a word."""
+    return torch.autograd.forward_ad._current_level >= 0
+
+
 def pick_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype, grad: bool = False) -> str:
     """The backend that runs this call.  Where autograd needs a graph (``grad``), an op outside
-    DIFFERENTIABLE runs the reference, which is plain differentiable PyTorch."""
+    DIFFERENTIABLE runs the reference, which is plain differentiable PyTorch; so does every op
+    inside forward-mode AD, which no kernel implements."""
     _checks.choice(backend, "backend", BACKENDS)
     kernels = KERNELS[op]
-    grad = grad and op not in DIFFERENTIABLE
+    forward_ad = _forward_ad()
+    grad = (grad and op not in DIFFERENTIABLE) or forward_ad
     if backend == "auto":
         if dtype == torch.float64 or grad:
             return "reference"
@@ -94,6 +102,9 @@ def pick_backend(op: str, backend: str, device: torch.device, dtype: torch.dtype
         return "reference"
     if backend == "reference":
         return backend
+    if forward_ad:
+        raise BackendUnavailableError(f"backend={backend!r}: the {op} kernels have no forward-mode AD "
+                                      "(torch.func.jvp, torch.autograd.forward_ad); use backend='auto' or 'reference'")
     if grad:
         raise BackendUnavailableError(f"backend={backend!r}: the {op} kernels are forward-only (no autograd); "
                                       "use backend='auto' or 'reference' for inputs that require grad")
@@ -487,8 +498,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
         _warn_once(f"ddpm_fast.attention: {refusal}, falling back to "
                    "torch.nn.functional.scaled_dot_product_attention")
         which = "sdpa"
-    if which == "sdpa" or (backend == "auto" and which == "reference" and q.dtype != torch.float64):
-        # Where no kernel of ours runs (the CPU; d above the kernels' limit) torch's SDPA is the fast path.
+    if which == "sdpa" or (backend == "auto" and which == "reference" and q.dtype != torch.float64
+                           and not _forward_ad()):
+        # Where no kernel of ours runs (the CPU; d above the kernels' limit) torch's SDPA is the fast path;
+        # not in forward-mode AD, which SDPA's fused kernels do not implement.
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     return attention_math(q, k, v, scale)
 

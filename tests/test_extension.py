@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import ddpm_fast as df
-from conftest import needs
+from conftest import backend_ready, needs
 from ddpm_fast import _ext
 
 pytestmark = needs("cpu")
@@ -29,6 +29,30 @@ def test_available_backends_names_reasons():
     assert status["reference"] is True and status["cpu"] is True
     for name, s in status.items():
         assert s is True or (isinstance(s, str) and s), name
+
+
+@pytest.mark.parametrize("op", ["q_sample", "p_step", "group_norm", "attention"])
+def test_forward_mode_ad_runs_the_reference(op, gen):
+    """Dual tensors do not require grad, so without a check the kernels would take them and drop
+    their tangents (a zero jvp): under forward-mode AD auto runs the reference, and a kernel backend
+    named raises."""
+    import torch.nn.functional as F
+
+    s = df.NoiseSchedule.linear(100)
+    calls = {"q_sample": lambda x, b: df.q_sample(x, 5, s, seed=1, backend=b),
+             "p_step": lambda x, b: df.p_step(x, x, 5, s, seed=1, backend=b),
+             "group_norm": lambda x, b: df.group_norm(x, 3, silu=True, backend=b),
+             "attention": lambda x, b: df.attention(x, x, x, backend=b)}
+    x, tangent = (torch.randn(2, 3, 4, 4, generator=gen) for _ in range(2))
+    ours = torch.func.jvp(lambda x: calls[op](x, "auto"), (x,), (tangent,))
+    want = torch.func.jvp(lambda x: calls[op](x, "reference"), (x,), (tangent,))
+    assert ours[1].abs().max() > 0
+    assert torch.allclose(ours[0], want[0]) and torch.allclose(ours[1], want[1])
+    if op == "attention":  # and what auto runs outside forward AD on the CPU, torch's SDPA
+        assert torch.allclose(ours[0], F.scaled_dot_product_attention(x, x, x))
+    if backend_ready("cpu") and op != "attention":
+        with pytest.raises(df.BackendUnavailableError, match="no forward-mode AD"):
+            torch.func.jvp(lambda x: calls[op](x, "cpu"), (x,), (tangent,))
 
 
 def test_auto_order_on_a_gpu_machine(monkeypatch):
