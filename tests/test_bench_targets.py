@@ -107,10 +107,10 @@ def test_backend_choice_per_op_and_dtype():
     assert fp32["auto"] == "cuda" == [b for b in ops.KERNELS["p_step"] if b != "cpu"][0]
     assert got[("p_step", "bf16")]["margin"] is None
     attn = got[("attention", "bf16")]
-    assert attn["fastest"] == "cuda" and attn["auto"] == "triton"  # ops.KERNELS puts Triton first for attention
+    assert attn["fastest"] == "cuda" == attn["auto"] == ops.KERNELS["attention"][0]
     lines = "\n".join(targets.markdown(rows, on_gpu=False))
     assert "Targets" not in lines and "| p_step | bf16 |" not in lines  # one kernel ran: nothing to choose
-    assert "| attention | bf16 | cuda 1.0000, triton 2.0000 | cuda | 2.00x | triton (the record says cuda) |" in lines
+    assert "| attention | bf16 | cuda 1.0000, triton 2.0000 | cuda | 2.00x | cuda |" in lines
     assert "| p_step | fp32 | cuda 3.0000, triton 1.0000 | triton | 3.00x | cuda (the record says triton) |" in lines
 
 
