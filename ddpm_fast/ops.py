@@ -481,8 +481,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
     check_attention(q, k, v, scale)
     which = pick_backend("attention", backend, q.device, q.dtype, _needs_grad(q, k, v))
     if which in ("triton", "cuda"):
-        later = KERNELS["attention"][KERNELS["attention"].index(which) + 1:] if backend == "auto" else ()
-        for which in (which, *(b for b in later if _status(b) is True)):
+        # auto goes on down KERNELS past a kernel that refuses q (the CUDA one: fp32, before sm_80)
+        tried = KERNELS["attention"][KERNELS["attention"].index(which):] if backend == "auto" else (which,)
+        for which in (b for b in tried if _status(b) is True):
             refusal = _attention_refusal(which, q)
             if refusal is None:
                 break
