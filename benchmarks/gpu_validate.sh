@@ -28,9 +28,11 @@
 #                exited 0, the tool's summary is there and counts no memory error or hazard; CUDA API
 #                errors, some of which PyTorch makes on purpose, are named, not counted)
 #                                 (OUT/memcheck.log, OUT/racecheck.log, OUT/memcheck-triton.log)
-#   profile      Nsight Compute (ncu --clock-control none) over one call of each fused kernel, CUDA and
-#                Triton, at the benchmarks' shapes: benchmarks/profile_kernels.py, its CSVs and a table
-#                of every launch's key figures in OUT/profile/ncu-summary.md (OUT/profile.log)
+#   profile      first the host/GPU split of the quick bench cases (torch.profiler, at most 150 s):
+#                benchmarks/profile_host.py, OUT/profile/host-summary.md; then Nsight Compute (ncu
+#                --clock-control none) over one call of each fused kernel, CUDA and Triton, at the
+#                benchmarks' shapes: benchmarks/profile_kernels.py, its CSVs and a table of every
+#                launch's key figures in OUT/profile/ncu-summary.md (OUT/profile.log)
 #   bench-quick  python -m ddpm_fast bench --quick --device cuda --out OUT, at most 5 min (OUT/bench-quick.log)
 #   bench        python -m ddpm_fast bench --device cuda --out OUT, the full record  (OUT/bench.log)
 #   pack         everything in OUT -> OUT/gpu-results.tar.gz; fails over 16 MiB; then (not in a dry run)
@@ -462,17 +464,22 @@ stage_profile() {
   if ! chk "$log" "the CUDA extension is built and a GPU is visible" check_cuda_ready; then
     fail "$CHECK_MSG"; end "$log"; return
   fi
+  # The host/GPU split first: it needs no hardware counters, and it is what explains the small cases.
+  cmd "$log" 150 "$PY" benchmarks/profile_host.py "$OUT/profile"
+  rc=$?
+  [ "$DRY_RUN" = 0 ] && [ $rc -ne 0 ] && fail "profile_host.py rc $rc$([ $rc -eq 124 ] && echo ', timed out')"
   if [ "$DRY_RUN" = 0 ] && ! tool=$(find_tool ncu); then
-    fail "ncu not found (PATH, CUDA_HOME/bin, /usr/local/cuda/bin, nvidia wheels)"; end "$log"; return
+    fail "ncu not found (PATH, CUDA_HOME/bin, /usr/local/cuda/bin, nvidia wheels)"
+    end "$log" "$OUT/profile/host-summary.md"; return
   fi
   cmd "$log" 300 "$PY" benchmarks/profile_kernels.py --ncu "$tool" "$OUT/profile"
   rc=$?
   if [ "$DRY_RUN" = 0 ] && [ $rc -ne 0 ]; then
-    fail "rc $rc$([ $rc -eq 124 ] && echo ', timed out'): $(grep -c 'FAILED' "$log") cases failed"
+    fail "ncu rc $rc$([ $rc -eq 124 ] && echo ', timed out'): $(grep -c 'FAILED' "$log") cases failed"
     grep -qE 'LibraryNotLoaded|ERR_NVGPUCTRPERM' "$OUT"/profile/*.log 2>/dev/null \
       && note "ncu cannot read the hardware counters here (seen on gVisor machines; Firecracker ones work)"
   fi
-  end "$log" "$OUT/profile/ncu-summary.md"
+  end "$log" "$OUT/profile/host-summary.md" "$OUT/profile/ncu-summary.md"
 }
 
 stage_bench() {  # stage_bench NAME CAP [--quick]

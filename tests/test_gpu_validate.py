@@ -81,8 +81,9 @@ def test_dry_run_all_stages(tmp_path):
     for line in sanitizers:
         assert "PYTORCH_NO_CUDA_MEMORY_CACHING=1" in line and "-u TRITON_INTERPRET" in line
         assert "benchmarks/cuda_smoke.py --backend" in line
-    profile = next(line for line in r.stdout.splitlines() if "profile_kernels.py" in line)
-    assert profile.endswith(f"benchmarks/profile_kernels.py --ncu ncu {out}/profile")
+    profile = [line for line in r.stdout.splitlines() if "benchmarks/profile_" in line]
+    assert len(profile) == 2 and profile[0].endswith(f"benchmarks/profile_host.py {out}/profile")
+    assert profile[1].endswith(f"benchmarks/profile_kernels.py --ncu ncu {out}/profile")
     bench = next(line for line in r.stdout.splitlines() if " -m ddpm_fast bench" in line)
     assert "--quick" not in bench and f"--out {out}" in bench and "--device cuda" in bench
     assert re.search(r"timeout -s INT -k 15 \d+ ", bench)
