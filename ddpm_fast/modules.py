@@ -41,19 +41,34 @@ class FusedGroupNormSiLU(FusedGroupNorm):
 
 
 class QKVCache:
-    """cat(W_q, W_k, W_v) and cat(b_q, b_k, b_v) for one GEMM, rebuilt when a weight changes (its
-    version counter moves); the modules' own parameters are never touched."""
+    """cat(W_q, W_k, W_v) and cat(b_q, b_k, b_v) in the dtype the GEMM runs in, for one GEMM: one
+    entry per dtype, rebuilt when a weight changes (its version counter moves).  An entry outlives
+    calls in other dtypes, so a CUDA graph that reads one by address (the sampler's, in bf16) keeps
+    its weights while the model also runs in float32.  The modules' own parameters are never touched."""
 
     def __init__(self):
-        self.key, self.w, self.b = None, None, None
+        self.entries = {}  # dtype -> (key, w, b)
 
-    def get(self, q: nn.Linear, k: nn.Linear, v: nn.Linear):
+    def get(self, q: nn.Linear, k: nn.Linear, v: nn.Linear, dtype: torch.dtype):
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for m in (q, k, v) for p in (m.weight, m.bias))
-        if key != self.key:
-            self.w = torch.cat([q.weight, k.weight, v.weight]).detach()
-            self.b = torch.cat([q.bias, k.bias, v.bias]).detach()
-            self.key = key
-        return self.w, self.b
+        entry = self.entries.get(dtype)
+        if entry is None or entry[0] != key:
+            w = torch.cat([q.weight, k.weight, v.weight]).detach().to(dtype)
+            b = torch.cat([q.bias, k.bias, v.bias]).detach().to(dtype)
+            entry = self.entries[dtype] = (key, w, b)
+        return entry[1], entry[2]
+
+
+def qkv_cached_parameters(model: nn.Module) -> set:
+    """ids of the parameters that a QKVCache reads (to_q, to_k and to_v of every attention module with
+    one: our AttnBlock, and a diffusers Attention with a FusedAttnProcessor).  Its entries are keyed
+    by these tensors, so they must reach it as themselves, never as stand-ins for one call."""
+    found = set()
+    for m in model.modules():
+        holders = [m, getattr(m, "processor", None)]
+        if any(isinstance(v, QKVCache) for h in holders if h is not None for v in vars(h).values()):
+            found |= {id(p) for name in ("to_q", "to_k", "to_v") for p in getattr(m, name).parameters()}
+    return found
 
 
 def fused_attention_block(x: torch.Tensor, norm: nn.GroupNorm, q: nn.Linear, k: nn.Linear, v: nn.Linear,
@@ -67,8 +82,8 @@ def fused_attention_block(x: torch.Tensor, norm: nn.GroupNorm, q: nn.Linear, k: 
     B, C, H, W = x.shape
     L = H * W
     h = ops.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
-    w_qkv, b_qkv = cache.get(q, k, v)
-    qkv = torch.nn.functional.linear(h.reshape(B, C, L).transpose(1, 2), w_qkv.to(h.dtype), b_qkv.to(h.dtype))
+    w_qkv, b_qkv = cache.get(q, k, v, h.dtype)
+    qkv = torch.nn.functional.linear(h.reshape(B, C, L).transpose(1, 2), w_qkv, b_qkv)
     d = C // heads
     q_, k_, v_ = (t.reshape(B, L, heads, d).transpose(1, 2) for t in qkv.split(C, dim=-1))
     o = ops.attention(q_, k_, v_, scale=scale).transpose(1, 2).reshape(B, L, C)

@@ -1,4 +1,5 @@
 import copy
+import re
 
 import pytest
 import torch
@@ -179,3 +180,32 @@ def test_accelerate_our_unet_and_bad_models():
     assert df.accelerate(net) is net
     with pytest.raises(TypeError, match="model"):
         df.accelerate(nn.Linear(3, 3))
+
+
+def test_qkv_cache_keeps_one_entry_per_dtype(gen):
+    """A float32 call leaves the bf16 entry (the one a captured bf16 step reads by address) where it
+    is; an in-place update of a weight rebuilds it."""
+    q, k, v = (nn.Linear(8, 8) for _ in range(3))
+    cache = df.modules.QKVCache()
+    w16, b16 = cache.get(q, k, v, torch.bfloat16)
+    assert w16.dtype == b16.dtype == torch.bfloat16 and w16.shape == (24, 8) and b16.shape == (24,)
+    assert torch.equal(w16, torch.cat([q.weight, k.weight, v.weight]).to(torch.bfloat16))
+    w32, _ = cache.get(q, k, v, torch.float32)
+    assert w32.dtype == torch.float32 and cache.get(q, k, v, torch.bfloat16)[0] is w16
+    with torch.no_grad():
+        k.weight.mul_(2)
+    fresh, _ = cache.get(q, k, v, torch.bfloat16)
+    assert fresh is not w16 and torch.equal(fresh, torch.cat([q.weight, k.weight, v.weight]).to(torch.bfloat16))
+    assert q.weight.dtype == torch.float32 and not any(p.grad is not None for p in q.parameters())
+
+
+def test_qkv_cached_parameters_are_the_attention_projections(gen):
+    from ddpm_fast.models import DDPMUNet
+
+    net = DDPMUNet(in_channels=1, out_channels=1, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                   dropout=0.0, image_size=8, num_groups=4)
+    unet = df.accelerate(randomised_unet(SMALL, gen))
+    for model in (net, unet):
+        names = {name for name, p in model.named_parameters() if id(p) in df.modules.qkv_cached_parameters(model)}
+        assert names and all(re.search(r"\.to_[qkv]\.(weight|bias)$", n) for n in names), names
+        assert len(names) % 6 == 0
