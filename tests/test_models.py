@@ -93,3 +93,27 @@ def test_bad_config():
         DDPMUNet(ch=48, num_groups=32)
     with pytest.raises(ValueError, match="ch_mult"):
         DDPMUNet(ch_mult=(1, 0))
+
+
+def test_blocks_share_one_silu_of_the_time_embedding(gen):
+    """The U-Net applies SiLU to temb once for all its blocks (two SiLUs a forward: the time MLP's and
+    that one); a block handed it computes what it computes from temb alone, bit for bit."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Silus(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Silus.n += func is torch.ops.aten.silu.default
+            return func(*args, **(kwargs or {}))
+
+    net = DDPMUNet(in_channels=1, out_channels=1, ch=16, ch_mult=(1, 2), num_res_blocks=2, attn_resolutions=(4,),
+                   dropout=0.0, image_size=8, num_groups=4).eval()
+    x, t = torch.randn(2, 1, 8, 8, generator=gen), torch.tensor([5, 600])
+    with torch.no_grad(), Silus():
+        net(x, t)
+    assert Silus.n == 2
+    block = net.down_blocks[0].resnets[0]
+    h, temb = torch.randn(2, 16, 8, 8, generator=gen), torch.randn(2, 64, generator=gen)
+    with torch.no_grad():
+        assert torch.equal(block(h, temb), block(h, temb, torch.nn.functional.silu(temb)))

@@ -57,9 +57,10 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
         self.output_scale_factor = output_scale_factor
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, temb_act: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """temb_act: SiLU(temb), when the caller has it (the U-Net makes it once for all its blocks)."""
         h = self.conv1(self.norm1(x))
-        h = self.norm2(h, add=self.time_emb_proj(F.silu(temb)).to(h.dtype))
+        h = self.norm2(h, add=self.time_emb_proj(F.silu(temb) if temb_act is None else temb_act).to(h.dtype))
         h = self.conv2(self.dropout(h))
         skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x
         out = skip + h
@@ -267,12 +268,13 @@ class DDPMUNet(nn.Module):
         t = t.reshape(-1).to(x.device).expand(B)
         emb = timestep_embedding(t, self.config["ch"], self.config["flip_sin_to_cos"], self.config["freq_shift"])
         temb = self.time_embedding(emb.to(self.conv_in.weight.dtype))
+        act = F.silu(temb)  # what every block's projection reads: one launch, not one a block
 
         h = self.conv_in(x)
         skips = [h]
         for level in self.down_blocks:
             for j, resnet in enumerate(level.resnets):
-                h = resnet(h, temb)
+                h = resnet(h, temb, act)
                 if len(level.attentions):
                     h = level.attentions[j](h)
                 skips.append(h)
@@ -280,13 +282,13 @@ class DDPMUNet(nn.Module):
                 h = level.downsamplers[0](h)
                 skips.append(h)
 
-        h = self.mid_block.resnets[0](h, temb)
+        h = self.mid_block.resnets[0](h, temb, act)
         h = self.mid_block.attentions[0](h)
-        h = self.mid_block.resnets[1](h, temb)
+        h = self.mid_block.resnets[1](h, temb, act)
 
         for level in self.up_blocks:
             for j, resnet in enumerate(level.resnets):
-                h = resnet(torch.cat([h, skips.pop()], dim=1), temb)
+                h = resnet(torch.cat([h, skips.pop()], dim=1), temb, act)
                 if len(level.attentions):
                     h = level.attentions[j](h)
             if hasattr(level, "upsamplers"):
