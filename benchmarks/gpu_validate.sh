@@ -58,6 +58,8 @@
 # BENCH_ONLY: passed to the bench stages as --only (comma-separated suites), to split the full record
 # over calls that each fit, e.g. BENCH_ONLY=e2e,train in one and the other suites in another; read
 # them together with python -m ddpm_fast.bench.targets A.json B.json.
+# PROFILE_CASES: passed to profile_kernels.py as --cases (comma-separated; --list names them), to
+# profile the kernels that matter first where the lease is short (ncu takes ~10 s a case).
 # Other settings: PYTHON (default python3), MAX_JOBS, TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX",
 # the CI build; "9.0" compiles one target instead of three), CUDA_HOME, TEST_MARKERS, TESTS_CAP_S,
 # TRITON_CACHE_DIR.
@@ -73,15 +75,18 @@
 # tests at -n 8), sanitize 90 s, and bench-quick over all suites ran past its 300 s inside e2e.
 #   1. WHEELS=.whl TORCH_CUDA_ARCH_LIST=9.0 BUDGET_S=450 TESTS_CAP_S=200 \
 #        TEST_MARKERS='(cuda or triton) and not compile_only' \
+#        PROFILE_CASES=group_norm-cuda-bf16-256x128x32x32,group_norm-cuda-fp32-256x128x32x32,group_norm-cuda-bf16-1x128x32x32,group_norm_train-cuda-bf16-128x128x32x32,attention-cuda-bf16-64x1x256x256 \
 #        bash benchmarks/gpu_validate.sh --stage build+tests,sanitize,profile,pack $OUT
 #      (timeout_s 480; the build stage finds the carried extension and takes seconds, or, should
 #      check_build refuse it there, rebuilds it for sm_90 alone; CI runs the CPU-only tests; leave
-#      out sanitize when csrc/ is unchanged since benchmarks/results/h200/'s clean logs)
+#      out sanitize when csrc/ is unchanged since benchmarks/results/h200/'s clean logs, and then
+#      profile every case: drop PROFILE_CASES)
 #   2. at once (a machine stays warm 30 s, and a fresh one does not start with under 4 minutes left),
 #      carrying the same two paths again, with B = status's budget_left_s - 30 and timeout_s B + 25:
 #      WHEELS=.whl TORCH_CUDA_ARCH_LIST=9.0 BUDGET_S=B BENCH_ONLY=e2e,group_norm,attention,p_step,q_sample \
 #        bash benchmarks/gpu_validate.sh --stage build,bench-quick,pack $OUT
 #   and give the machine back.  The suites left out and the full record go to later leases.
+#   Read first: profile/host-summary.md (host or GPU-bound, each quick case), profile/ncu-summary.md.
 # then: tar -xzf gpu-results.tar.gz; cat summary.txt (each stage's seconds: size the next lease by them)
 set -uo pipefail
 
@@ -472,7 +477,8 @@ stage_profile() {
     fail "ncu not found (PATH, CUDA_HOME/bin, /usr/local/cuda/bin, nvidia wheels)"
     end "$log" "$OUT/profile/host-summary.md"; return
   fi
-  cmd "$log" 300 "$PY" benchmarks/profile_kernels.py --ncu "$tool" "$OUT/profile"
+  cmd "$log" 300 "$PY" benchmarks/profile_kernels.py --ncu "$tool" ${PROFILE_CASES:+--cases "$PROFILE_CASES"} \
+    "$OUT/profile"
   rc=$?
   if [ "$DRY_RUN" = 0 ] && [ $rc -ne 0 ]; then
     fail "ncu rc $rc$([ $rc -eq 124 ] && echo ', timed out'): $(grep -c 'FAILED' "$log") cases failed"

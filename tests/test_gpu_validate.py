@@ -121,6 +121,10 @@ def test_dry_run_selected_stages_relative_out_from_another_directory(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     bench = next(line for line in r.stdout.splitlines() if " -m ddpm_fast bench" in line)
     assert re.search(r" --only e2e\\?,train ", bench)  # printf %q may escape the comma
+    r = run(["--dry-run", "--stage", "profile", "cases"], cwd=cwd, PROFILE_CASES="attention-cuda-bf16-64x1x256x256")
+    assert r.returncode == 0, r.stdout + r.stderr
+    ncu = next(line for line in r.stdout.splitlines() if "profile_kernels.py" in line)
+    assert re.search(r" --cases attention-cuda-bf16-64x1x256x256 ", ncu)
 
 
 def test_pack_only_packs_what_is_there_and_not_its_own_tarball(tmp_path):
