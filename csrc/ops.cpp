@@ -27,14 +27,16 @@ TORCH_LIBRARY(ddpm_fast, m) {
   // sample int64 [A] each image's global index.  Returns (x' like x, err float32 [A, P]).
   m.def("picard_step(Tensor x, Tensor model_output, Tensor t, Tensor table, Tensor sample, int seed, "
         "int prediction, int variance, int form, bool clip_sample, float clip_range) -> (Tensor, Tensor)");
-  // y = act(GN(x + add) * (1 + scale) + shift); weight, bias [C] and add, scale, shift [B, C] float32.
+  // y = act(GN(x + add) * (1 + scale) + shift); weight, bias [C] and add, scale, shift [B, C], each
+  // float32 or x's dtype.
   // Returns (y, mean, rstd): float32 [B, G] statistics of x + add for the backward, the mean taken
   // relative to the group's pivot, one of its values (csrc/include/ddpm_fast/group_norm.h).
   m.def("group_norm(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, Tensor? add, "
         "Tensor? scale, Tensor? shift, bool silu, bool channels_last) -> (Tensor, Tensor, Tensor)");
   // Its backward (csrc/include/ddpm_fast/group_norm.h): (dx, sums), sums float32 [3, B, C] holding
   // per (sample, channel) S1 = sum dz, S2 = sum dz xhat, S3 = sum xhat, from which ops.py forms the
-  // gradients of weight, bias, add, scale and shift.  dy in x's dtype and layout.
+  // gradients of weight, bias, add, scale and shift.  dy in x's dtype and layout; the parameters in
+  // float32 (the CUDA backward reads them in its hot loop).
   m.def("group_norm_backward(Tensor dy, Tensor x, Tensor mean, Tensor rstd, int num_groups, Tensor? weight, "
         "Tensor? bias, Tensor? add, Tensor? scale, Tensor? shift, bool silu, bool channels_last) -> (Tensor, Tensor)");
   // softmax(q k^T * scale) v on q [B, h, Lq, d], k and v [B, h, Lk, d] of any strides; the

@@ -389,8 +389,10 @@ def group_norm(
     if which == "reference":
         return group_norm_math(x, num_groups, weight, bias, eps, add, scale, shift, silu)
     x, channels_last = _layout(x)
-    # The kernels read float32 parameters; .to() carries their gradients back to the callers' dtypes.
-    w, b, a, sc, sh = (p if p is None or (p.dtype == torch.float32 and p.is_contiguous())
+    # The kernels read parameters in float32 or in x's dtype (as they come from a bf16 model, or a
+    # projection under autocast: no cast to launch); others are cast to float32, and .to() carries
+    # their gradients back to the callers' dtypes.
+    w, b, a, sc, sh = (p if p is None or (p.dtype in (torch.float32, x.dtype) and p.is_contiguous())
                        else p.to(torch.float32).contiguous() for p in (weight, bias, add, scale, shift))
     kernel = _triton_group_norm_op() if which == "triton" else torch.ops.ddpm_fast.group_norm
     args = (x, num_groups, w, b, float(eps), a, sc, sh, bool(silu), channels_last)
@@ -418,8 +420,10 @@ def _gn_backward_with(backward_op):
         x, w, b, add, scale, shift, mean, rstd = ctx.saved_tensors
         fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
         dy = dy.to(x.dtype).contiguous(memory_format=fmt)
-        dx, sums = backward_op(dy, x, mean, rstd, ctx.num_groups, w, b, add, scale, shift, ctx.silu,
-                               ctx.channels_last)
+        # The backward ops take float32 parameters (the CUDA one reads them in its hot loop), and so does
+        # the [B, C] work below: 1 + scale must not round in a 16-bit dtype.
+        w, b, add, scale, shift = (None if p is None else p.float() for p in (w, b, add, scale, shift))
+        dx, sums = backward_op(dy, x, mean, rstd, ctx.num_groups, w, b, add, scale, shift, ctx.silu, ctx.channels_last)
         need = ctx.needs_input_grad
         dw, db, dadd, dscale, dshift = group_norm_param_grads(sums, rstd, ctx.num_groups, ctx.hw, w, b, scale,
                                                               need[2], need[3], need[5], need[6], need[7])

@@ -375,11 +375,15 @@ def test_cuda_paths_repeat_bit_for_bit(case, fmt, dtype, gen):
 
 @pytest.mark.cuda
 @needs("cuda")
-@pytest.mark.parametrize("shape", [(128, 8192, 1, 1), (1, 8192, 1, 2), (1, 4096, 2, 2)],
-                         ids=["onchip", "split", "split-32KiB"])
-def test_cuda_wide_groups(shape, gen, poison):
-    """Per-channel tables of 64 KiB (8192 channels a group) take opted-in shared memory."""
-    gn_kernel_vs_reference("cuda", torch.float32, shape, 1, "contiguous", ("add", "scale"), True, gen)
+@pytest.mark.parametrize("shape, fmt", [((128, 8192, 1, 1), "contiguous"), ((1, 8192, 1, 2), "contiguous"),
+                                        ((1, 4096, 2, 2), "contiguous"), ((64, 16384, 1, 1), "channels_last")],
+                         ids=["onchip-96KiB", "split-64KiB", "split-32KiB", "onchip-or-split"])
+def test_cuda_wide_groups(shape, fmt, gen, poison):
+    """Per-channel tables in opted-in shared memory: on chip 12 bytes a channel (96 KiB at 8192
+    channels a group), the split path 8 (32 KiB at 4096: under the default 48).  At 16384 channels
+    the on-chip table (192 KiB) fits an sm_90 block and not an sm_80 one, which takes the split path
+    (128 KiB)."""
+    gn_kernel_vs_reference("cuda", torch.float32, shape, 1, fmt, ("add", "scale"), True, gen)
 
 
 @pytest.mark.triton
@@ -401,8 +405,70 @@ def test_kernel_opcheck_and_compile(gen):
     x = torch.randn(2, 8, 4, 4, generator=gen)
     w, b, a = torch.randn(8), torch.randn(8), torch.randn(2, 8)
     torch.library.opcheck(torch.ops.ddpm_fast.group_norm.default, (x, 4, w, b, 1e-5, a, None, None, True, False))
+    xb = x.bfloat16()
+    torch.library.opcheck(torch.ops.ddpm_fast.group_norm.default,
+                          (xb, 4, w.bfloat16(), b, 1e-5, a.bfloat16(), None, None, True, False))
+    with pytest.raises(RuntimeError, match=r"weight: expected a contiguous float32 or x's dtype tensor of 8 elements on cpu, got Half"):
+        torch.ops.ddpm_fast.group_norm(xb, 4, w.half(), b, 1e-5, None, None, None, False, False)
 
     def f(x):
         return df.group_norm(x, 4, w, b, add=a, silu=True, backend="cpu")
 
     assert torch.equal(torch.compile(f, fullgraph=True)(x), f(x))
+
+
+PARAM_DTYPES = {  # (weight and bias, add/scale/shift) dtypes for 16-bit x: what each kind of model hands the norm
+    "float32": (torch.float32, torch.float32),  # autocast: float32 weights, float32 embeddings
+    "autocast": (torch.float32, None),  # float32 weights, the embedding from a projection in x's dtype
+    "like-x": (None, None),  # a bf16/fp16 model
+    "other-16-bit": ("other", "other"),  # fp16 parameters with bf16 x, and the reverse: cast to float32 first
+}
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("params", list(PARAM_DTYPES))
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_kernel_parameter_dtypes(backend, dtype, params, fmt, gen, poison):
+    """Parameters in float32, in x's dtype or in another: each read as the float32 of its value."""
+    other = torch.bfloat16 if dtype == torch.float16 else torch.float16
+    pick = {None: dtype, "other": other}
+    wd, ed = (pick.get(d, d) for d in PARAM_DTYPES[params])
+    dev = backend_device(backend)
+    shape, G = (3, 32, 5, 6), 8
+    x = layout(torch.randn(shape, generator=gen).to(dev, dtype), fmt)
+    w, b = (torch.randn(shape[1], generator=gen).to(dev, wd) for _ in range(2))
+    extra = {k: (torch.randn(shape[:2], generator=gen) * 0.5).to(dev, ed) for k in ("add", "scale", "shift")}
+    y = df.group_norm(x, G, w, b, 1e-6, silu=True, backend=backend, **extra)
+    ref = df.reference.group_norm(x.double(), G, w.double(), b.double(), 1e-6, silu=True,
+                                  **{k: v.double() for k, v in extra.items()})
+    eager = df.reference.group_norm(x, G, w, b, 1e-6, silu=True, **extra)
+    assert y.dtype == dtype
+    assert rel_err(y, ref) <= flash_rule(rel_err(eager, ref), dtype, store_slack(backend, dtype))
+
+
+class CastLog(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.casts = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default:
+            self.casts.append((tuple(args[0].shape), args[0].dtype))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_parameters_in_x_dtype_are_not_cast(backend, gen):
+    """The kernels read parameters in float32 or x's dtype as they are; only another dtype is cast."""
+    dev = backend_device(backend)
+    x = torch.randn(2, 16, 4, 4, generator=gen).to(dev, torch.bfloat16)
+    w, b, add = torch.randn(16, device=dev), torch.randn(16, device=dev), torch.randn(2, 16, device=dev)
+    w16, b16, add16, w_half = w.bfloat16(), b.bfloat16(), add.bfloat16(), w.half()
+    with CastLog() as log:
+        df.group_norm(x, 4, w, b, add=add16, silu=True, backend=backend)
+        df.group_norm(x, 4, w16, b16, add=add, backend=backend)
+    assert log.casts == []
+    with CastLog() as log:
+        df.group_norm(x, 4, w_half, b, backend=backend)
+    assert log.casts == [((16,), torch.float16)]

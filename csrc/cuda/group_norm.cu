@@ -10,15 +10,16 @@
 // relative to the group's pivot (gn_pivot: exact for a large mean with a small spread), and takes
 // its variance from centred squares: the on-chip path in two passes over its registers, the others
 // from moments (count, mean, M2) merged without cancellation (GnMoments), never as E[d^2] - E[d]^2,
-// which loses every digit when one value lies far from the rest.  After the
-// statistics, a [CG] table in shared memory (opted in beyond 48 KiB: CG > ~6000) folds weight, bias,
-// scale, shift, mean and rstd into z = v A + Cc per channel, so normalising is one FMA per value.
+// which loses every digit when one value lies far from the rest.  A [CG] table in shared memory
+// (opted in beyond 48 KiB) folds weight, bias, scale, shift (read in float32 or x's dtype: GnParam),
+// mean and rstd into z = v A + Cc per channel, so normalising is one FMA per value; gn_onchip reads
+// every parameter into it before the statistics, where the loads wait on nothing.
 // The group's mean of d and rstd go out (float32 [B, G]) for the backward.
 // - gn_onchip: one block per (sample, group) of T threads, the fewest power of two from 64 to 1024
 //   (512 for scalar accesses) with 16 T >= n; each thread caches 16 values in registers, the block
 //   reduces the mean, then the centred variance, and writes y.  One read + one write.  Taken when
-//   the group fits (n <= 16384, 8192 scalar) and the grid fills the GPU: B*G >= SMs / 2 and
-//   B*G*T >= 256 SMs.
+//   the group fits (n <= 16384, 8192 scalar; its table, 12 bytes a channel, in shared memory) and
+//   the grid fills the GPU: B*G >= SMs / 2 and B*G*T >= 256 SMs.
 // - gn_rows_stats + gn_rows_finalize + gn_rows_norm: otherwise, for channels_last groups whose CG
 //   values a position fill less than a 32-byte sector (and C / V <= 256): grid (S, B) of 256
 //   threads, each block a tile of whole rows (positions x C channels, contiguous: full sectors);
@@ -34,7 +35,7 @@
 // value on chip, ~10 and a divide per vector for the moments (+ an exp and a divide for SiLU).
 //
 // Backward (formula in csrc/include/ddpm_fast/group_norm.h), grid (B*G, S) like the split path, with
-// the same layouts, widths and 32-bit walk:
+// the same layouts, widths and 32-bit walk, and float32 parameters (read in the hot loop):
 // - gnb_sums: a block recomputes xhat = (x - px) rstd + centre rstd and dz = dy act'(z) over its
 //   slice of n / S values, keeps running S1, S2, S3 in registers for the vector's channels (one in
 //   NCHW, V in channels_last) while they stay the same (a run of HW / V vectors in NCHW; always in
@@ -185,14 +186,39 @@ __device__ void fill_add_table(float* tab, const Gn& p, const Group& gr) {
   }
 }
 
-// tab[k] = (A, Cc) with z = v A + Cc, so that the weight, bias, scale, shift and statistics cost one
-// FMA per value: A = rstd W and, for v = x - px, Cc = ((add - pa) - md) A + Bc; for v = d (the add
-// already in), Cc = Bc - md A.
+// (A, Cc) with z = v A + Cc, so that the weight, bias, scale, shift and statistics cost one FMA per
+// value: A = rstd W and Cc = centre A + Bc, where for v = x - px the centre is (add - pa) - md, and
+// for v = d (the add already in) it is -md.
+__device__ float2 norm_coef(float W, float Bc, float centre, float rstd) {
+  const float A = rstd * W;
+  return make_float2(A, centre * A + Bc);
+}
+
+// tab[k] = (A, Cc) for each channel k of the group, from the parameters.
 __device__ void fill_norm_table(float2* tab, const Gn& p, const Group& gr, float md, float rstd, bool v_has_add) {
   for (int k = threadIdx.x; k < p.CG; k += blockDim.x) {
     const GnChannel ch = gn_channel(p, gr.b, gr.g * p.CG + k);
-    const float A = rstd * ch.W;
-    tab[k] = make_float2(A, (v_has_add ? -md : gn_centre(ch.add, gr.pa, md)) * A + ch.Bc);
+    tab[k] = norm_coef(ch.W, ch.Bc, v_has_add ? -md : gn_centre(ch.add, gr.pa, md), rstd);
+  }
+}
+
+// The same table in two halves, so that every parameter is read before the statistics (its loads
+// overlap the pivot's, and none waits on the reductions): first tab[k] = (W, Bc) and adds[k] = add - pa
+// (0 without add: d = (x - px) + adds[k]) ...
+__device__ void fill_channel_table(float2* tab, float* adds, const Gn& p, const Group& gr) {
+  for (int k = threadIdx.x; k < p.CG; k += blockDim.x) {
+    const GnChannel ch = gn_channel(p, gr.b, gr.g * p.CG + k);
+    tab[k] = make_float2(ch.W, ch.Bc);
+    adds[k] = p.add ? ch.add - gr.pa : 0.f;
+  }
+}
+
+// ... then, with the statistics, tab[k] = (A, Cc) over (W, Bc): each thread rewrites only the
+// entries it filled, so no barrier comes between.
+__device__ void finish_norm_table(float2* tab, const float* adds, const Gn& p, float md, float rstd, bool v_has_add) {
+  for (int k = threadIdx.x; k < p.CG; k += blockDim.x) {
+    const float2 wb = tab[k];
+    tab[k] = norm_coef(wb.x, wb.y, v_has_add ? -md : adds[k] - md, rstd);
   }
 }
 
@@ -231,11 +257,10 @@ __global__ void __launch_bounds__(max_onchip_threads(V), 1)
     gn_onchip(const T* __restrict__ x, T* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out,
               Gn p, Walk w) {
   constexpr int kVecs = kCache / V;
-  // [CG] add table, then (after the statistics) the [CG] (A, Cc) table over the same bytes.
-  float* add_tab = dynamic_shared<float>();
-  float2* tab = dynamic_shared<float2>();
+  float2* tab = dynamic_shared<float2>();                 // [CG] (W, Bc), then (A, Cc)
+  float* add_tab = reinterpret_cast<float*>(tab + p.CG);  // [CG] add - pa
   const Group gr = group_of<T, CL>(x, p, w, blockIdx.x);
-  fill_add_table(add_tab, p, gr);
+  fill_channel_table(tab, add_tab, p, gr);
   __syncthreads();
   const uint32_t nv = static_cast<uint32_t>(p.n / V);
   float v[kVecs][V];  // d = (x - px) + (add - pa)
@@ -268,7 +293,7 @@ __global__ void __launch_bounds__(max_onchip_threads(V), 1)
     mean_out[blockIdx.x] = md;
     rstd_out[blockIdx.x] = rstd;
   }
-  fill_norm_table(tab, p, gr, md, rstd, true);  // over add_tab: block_sum2's barriers ended its reads
+  finish_norm_table(tab, add_tab, p, md, rstd, true);
   __syncthreads();
 #pragma unroll
   for (int i = 0; i < kVecs; ++i) {
@@ -506,16 +531,25 @@ void check_sizes(const Gn& p) {
               p.B * p.G);
 }
 
-// Lets kernel take `bytes` of dynamic shared memory (the forward's per-channel tables, 8 bytes a
-// channel of a group): beyond the default 48 KiB it must opt in, up to what the GPU allows.
-template <typename K>
-void allow_shared(K* kernel, size_t bytes, const at::Tensor& x) {
-  constexpr size_t kDefault = 48 * 1024 - 1024;  // room for the kernels' own shared arrays
-  if (bytes <= kDefault) return;
+// The forward's per-channel tables in dynamic shared memory: beyond the default 48 KiB a kernel must
+// opt in, up to what the GPU allows.  gn_onchip takes 12 bytes a channel of a group, (W, Bc) then
+// (A, Cc), and add - pa; gn_norm 8, the (A, Cc); gn_stats 4, the adds.
+constexpr size_t kDefaultShared = 48 * 1024 - 1024;  // room for the kernels' own shared arrays
+constexpr size_t kOnchipTable = sizeof(float2) + sizeof(float);
+
+size_t optin_shared(const at::Tensor& x) {
   int optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.device().index()));
-  TORCH_CHECK(bytes + 1024 <= static_cast<size_t>(optin), "num_groups: ", bytes / 8,
-              " channels a group need more shared memory than this GPU's ", optin, " bytes a block");
+  return static_cast<size_t>(optin) - 1024;
+}
+
+template <typename K>
+void allow_shared(K* kernel, int64_t CG, size_t per_channel, const at::Tensor& x) {
+  const size_t bytes = static_cast<size_t>(CG) * per_channel;
+  if (bytes <= kDefaultShared) return;
+  const size_t most = optin_shared(x);
+  TORCH_CHECK(bytes <= most, "num_groups: ", CG, " channels a group need more shared memory than this GPU's ",
+              most + 1024, " bytes a block");
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
 }
 
@@ -563,8 +597,12 @@ std::pair<uint32_t, Rows> rows_of(const Gn& p, int V, int sms) {
 // fewer blocks than half the SMs, or fewer than 256 threads (8 warps, each thread with kCache loads
 // in flight) per SM.  Then the split path spreads each group over several blocks at the price of a
 // second read (mostly from L2).
-bool use_onchip(int64_t groups, int threads, int sms) {
-  return threads > 0 && 2 * groups >= sms && groups * threads >= 256LL * sms;
+// A group so wide that gn_onchip's 12-byte table does not fit (over 13500 channels on sm_80) goes
+// to the split path, whose tables are 8 bytes a channel.
+bool use_onchip(int64_t groups, int threads, int sms, int64_t CG, const at::Tensor& x) {
+  if (threads == 0 || 2 * groups < sms || groups * threads < 256LL * sms) return false;
+  const size_t table = static_cast<size_t>(CG) * kOnchipTable;
+  return table <= kDefaultShared || table <= optin_shared(x);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cuda(
@@ -589,10 +627,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cuda(
     const Walk w = walk_of(p, V);
     const int threads = onchip_threads(p.n, V);
     dispatch_geometry<scalar_t>(channels_last, V, [&]<bool CL, int kV>() {
-      const size_t table = p.CG * sizeof(float2);
-      if (use_onchip(groups, threads, sms)) {
-        allow_shared(gn_onchip<scalar_t, CL, kV>, table, x);
-        gn_onchip<scalar_t, CL, kV><<<static_cast<unsigned>(groups), threads, table, stream>>>(xp, yp, mp, rp, p, w);
+      if (use_onchip(groups, threads, sms, p.CG, x)) {
+        allow_shared(gn_onchip<scalar_t, CL, kV>, p.CG, kOnchipTable, x);
+        gn_onchip<scalar_t, CL, kV><<<static_cast<unsigned>(groups), threads, p.CG * kOnchipTable, stream>>>(
+            xp, yp, mp, rp, p, w);
         return;
       }
       if (CL && use_rows(p, kV, sizeof(scalar_t))) {
@@ -613,10 +651,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cuda(
       at::Tensor part = at::empty({groups * slices * 3}, x.options().dtype(at::kFloat));
       const dim3 grid(static_cast<unsigned>(groups), slices);
       auto* pp = reinterpret_cast<GnMoments*>(part.data_ptr<float>());
-      allow_shared(gn_stats<scalar_t, CL, kV>, table / 2, x);
-      allow_shared(gn_norm<scalar_t, CL, kV>, table, x);
-      gn_stats<scalar_t, CL, kV><<<grid, kThreads, table / 2, stream>>>(xp, pp, p, w, chunk);
-      gn_norm<scalar_t, CL, kV><<<grid, kThreads, table, stream>>>(xp, yp, pp, mp, rp, p, w, chunk);
+      allow_shared(gn_stats<scalar_t, CL, kV>, p.CG, sizeof(float), x);
+      allow_shared(gn_norm<scalar_t, CL, kV>, p.CG, sizeof(float2), x);
+      gn_stats<scalar_t, CL, kV><<<grid, kThreads, p.CG * sizeof(float), stream>>>(xp, pp, p, w, chunk);
+      gn_norm<scalar_t, CL, kV><<<grid, kThreads, p.CG * sizeof(float2), stream>>>(xp, yp, pp, mp, rp, p, w, chunk);
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -635,7 +673,7 @@ struct BwdChannels {
   __device__ void load(const Gn& p, const Group& gr, float md, float r, uint32_t k) {
 #pragma unroll
     for (int j = 0; j < NC; ++j) {
-      const GnChannel ch = gn_channel(p, gr.b, gr.g * p.CG + k + j);
+      const GnChannel ch = gn_channel<true>(p, gr.b, gr.g * p.CG + k + j);
       cr[j] = gn_centre(ch.add, gr.pa, md) * r;
       W[j] = ch.W;
       Bc[j] = ch.Bc;
@@ -720,7 +758,7 @@ __global__ void __launch_bounds__(kThreads)
       t3 += pp[2 * p.CG + k];
     }
     const int64_t c = gr.g * p.CG + k;
-    const float W = gn_channel(p, gr.b, c).W;
+    const float W = gn_channel<true>(p, gr.b, c).W;
     m1 += W * t1;
     m2 += W * t2;
     if (s == 0) {
@@ -768,6 +806,10 @@ std::tuple<at::Tensor, at::Tensor> group_norm_backward_cuda(
   check_sizes(p);
   TORCH_CHECK(p.CG <= kMaxBackwardCg, "num_groups: the CUDA backward takes at most ", kMaxBackwardCg,
               " channels a group, got ", p.CG);
+  for (const GnParam* q : {&p.weight, &p.bias, &p.add, &p.scale, &p.shift}) {
+    TORCH_CHECK(!*q || q->dtype == at::kFloat, "weight, bias, add, scale, shift: the CUDA backward takes them in "
+                "float32 (ops.py casts them), got ", q->dtype);
+  }
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = at::empty_like(x, format_of(channels_last));
   at::Tensor sums = at::empty({3, p.B, p.C}, x.options().dtype(at::kFloat));

@@ -127,6 +127,12 @@ def _group_norm_plans() -> Iterator[Plan]:
             yield Plan(op, f"{dtype} {'x'.join(map(str, shape))} G={groups} {layout} split={split} "
                        f"{'+'.join(sorted(flags)) or 'plain'}",
                        dict(dtype=dtype, shape=shape, groups=groups, layout=layout, split=split, **flags))
+        # Every parameter in x's 16-bit dtype (a bf16 model): other pointer types, so kernels of their own.
+        (shape, groups), flags = shapes[0], flag_sets[0]
+        for dtype, layout, split in itertools.product(DTYPES[1:], ("nchw", "channels_last"), (1, 4)):
+            yield Plan(op, f"{dtype} {'x'.join(map(str, shape))} G={groups} {layout} split={split} all, "
+                       "parameters in x's dtype", dict(dtype=dtype, shape=shape, groups=groups, layout=layout,
+                                                       split=split, params_like_x=True, **flags))
 
 
 def _attention_plans() -> Iterator[Plan]:
@@ -199,8 +205,9 @@ def _run_plan(plan: Plan) -> None:
 
         B, C = shape[:2]
         x = torch.empty(shape, dtype=dtype).contiguous(memory_format=fmt)
-        vec = {k: torch.empty(C) for k in ("weight", "bias") if a.get(k)}
-        per_sample = {k: torch.empty(B, C) for k in ("add", "scale", "shift") if a.get(k)}
+        pdtype = dtype if a.get("params_like_x") else torch.float32
+        vec = {k: torch.empty(C, dtype=pdtype) for k in ("weight", "bias") if a.get(k)}
+        per_sample = {k: torch.empty(B, C, dtype=pdtype) for k in ("add", "scale", "shift") if a.get(k)}
         params = (vec.get("weight"), vec.get("bias"), per_sample.get("add"), per_sample.get("scale"),
                   per_sample.get("shift"), bool(a.get("silu")), fmt == torch.channels_last)
         if plan.op == "group_norm":

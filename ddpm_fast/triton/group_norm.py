@@ -269,23 +269,23 @@ def group_norm(x: torch.Tensor, num_groups: int, weight, bias, eps: float, add, 
 @triton.jit
 def _gnb_channels(w_ptr, bias_ptr, add_ptr, scale_ptr, shift_ptr, b, c, cmask, C, HAS_W: tl.constexpr,
                   HAS_B: tl.constexpr, HAS_ADD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr):
-    """Per channel: the input add, and W, Bc with z = xhat * W + Bc."""
+    """Per channel: the input add, and W, Bc with z = xhat * W + Bc, in float32 whatever the parameters' dtype."""
     zero = c.to(tl.float32) * 0.0
     add = zero
     W = zero + 1.0
     Bc = zero
     if HAS_ADD:
-        add = tl.load(add_ptr + b * C + c, mask=cmask, other=0.0)
+        add = tl.load(add_ptr + b * C + c, mask=cmask, other=0.0).to(tl.float32)
     if HAS_W:
-        W = tl.load(w_ptr + c, mask=cmask, other=0.0)
+        W = tl.load(w_ptr + c, mask=cmask, other=0.0).to(tl.float32)
     if HAS_B:
-        Bc = tl.load(bias_ptr + c, mask=cmask, other=0.0)
+        Bc = tl.load(bias_ptr + c, mask=cmask, other=0.0).to(tl.float32)
     if HAS_SCALE:
-        s = 1.0 + tl.load(scale_ptr + b * C + c, mask=cmask, other=0.0)
+        s = 1.0 + tl.load(scale_ptr + b * C + c, mask=cmask, other=0.0).to(tl.float32)
         W = W * s
         Bc = Bc * s
     if HAS_SHIFT:
-        Bc = Bc + tl.load(shift_ptr + b * C + c, mask=cmask, other=0.0)
+        Bc = Bc + tl.load(shift_ptr + b * C + c, mask=cmask, other=0.0).to(tl.float32)
     return add, W, Bc
 
 

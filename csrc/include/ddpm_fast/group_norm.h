@@ -28,11 +28,36 @@
 
 namespace ddpm_fast {
 
+// A weight, bias, add, scale or shift: float32 or x's own dtype (a bf16 model's norms, the temb add
+// of a projection under autocast), read as float32.  The forward reads each once a channel (into a
+// block's or a sample's table), so a run-time switch costs nothing a value and saves the caller a
+// cast; the CUDA backward, which reads them in its hot loop, takes float32 alone (at<true>).
+struct GnParam {
+  const void* data = nullptr;  // nullptr when absent
+  c10::ScalarType dtype = c10::ScalarType::Float;
+  DF_HD explicit operator bool() const { return data != nullptr; }
+  DF_HD float operator[](int64_t i) const {
+    if (dtype == c10::ScalarType::BFloat16) return static_cast<float>(static_cast<const c10::BFloat16*>(data)[i]);
+    if (dtype == c10::ScalarType::Half) return static_cast<float>(static_cast<const c10::Half*>(data)[i]);
+    return static_cast<const float*>(data)[i];
+  }
+  // kFloat: the caller has checked that the parameter is float32 (the CUDA backward, which reads
+  // parameters in its hot loop, where the switch would cost instructions and registers).
+  template <bool kFloat>
+  DF_HD float at(int64_t i) const {
+    if constexpr (kFloat) {
+      return static_cast<const float*>(data)[i];
+    } else {
+      return (*this)[i];
+    }
+  }
+};
+
 struct GroupNormParams {
   int64_t B, C, G, HW, CG, n;  // n = CG * HW
   bool channels_last;
   float eps;
-  const float *weight, *bias, *add, *scale, *shift;  // nullptr when absent
+  GnParam weight, bias, add, scale, shift;
   bool silu;
   DF_HD int64_t offset(int64_t b, int64_t g, int64_t e) const {
     return channels_last ? b * HW * C + (e / CG) * C + g * CG + e % CG : (b * C + g * CG) * HW + e;
@@ -45,11 +70,12 @@ struct GnChannel {
   float add, W, Bc;
 };
 
+template <bool kFloatParams = false>
 DF_HD GnChannel gn_channel(const GroupNormParams& p, int64_t b, int64_t c) {
   const int64_t bc = b * p.C + c;
-  const float s = 1.0f + (p.scale ? p.scale[bc] : 0.0f);
-  return GnChannel{p.add ? p.add[bc] : 0.0f, (p.weight ? p.weight[c] : 1.0f) * s,
-                   (p.bias ? p.bias[c] : 0.0f) * s + (p.shift ? p.shift[bc] : 0.0f)};
+  const float s = 1.0f + (p.scale ? p.scale.at<kFloatParams>(bc) : 0.0f);
+  return GnChannel{p.add ? p.add.at<kFloatParams>(bc) : 0.0f, (p.weight ? p.weight.at<kFloatParams>(c) : 1.0f) * s,
+                   (p.bias ? p.bias.at<kFloatParams>(c) : 0.0f) * s + (p.shift ? p.shift.at<kFloatParams>(bc) : 0.0f)};
 }
 
 // x - px first: exact for values near a large mean.
@@ -101,6 +127,17 @@ DF_HD GnPivot gn_pivot(const T* x, const GroupNormParams& p, int64_t b, int64_t 
   return GnPivot{xs[m], as[m]};
 }
 
+// An optional parameter of numel elements, contiguous on x's device, in float32 or x's dtype.
+inline GnParam gn_param(const std::optional<at::Tensor>& p, int64_t numel, const char* name, const at::Tensor& x) {
+  if (!p) return {};
+  const at::ScalarType s = p->scalar_type();
+  TORCH_CHECK((s == at::kFloat || s == x.scalar_type()) && p->is_contiguous() && p->numel() == numel &&
+                  p->device() == x.device(),
+              name, ": expected a contiguous float32", x.scalar_type() == at::kFloat ? "" : " or x's dtype",
+              " tensor of ", numel, " elements on ", x.device(), ", got ", s);
+  return GnParam{p->data_ptr(), s};
+}
+
 // Checks the op's arguments (schema-level guards; ops.py has already validated them) and
 // unpacks them for a kernel.
 inline GroupNormParams group_norm_params(const at::Tensor& x, int64_t num_groups,
@@ -121,11 +158,11 @@ inline GroupNormParams group_norm_params(const at::Tensor& x, int64_t num_groups
   p.n = p.CG * p.HW;
   p.channels_last = channels_last;
   p.eps = static_cast<float>(eps);
-  p.weight = float_param(weight, p.C, "weight", x.device());
-  p.bias = float_param(bias, p.C, "bias", x.device());
-  p.add = float_param(add, p.B * p.C, "add", x.device());
-  p.scale = float_param(scale, p.B * p.C, "scale", x.device());
-  p.shift = float_param(shift, p.B * p.C, "shift", x.device());
+  p.weight = gn_param(weight, p.C, "weight", x);
+  p.bias = gn_param(bias, p.C, "bias", x);
+  p.add = gn_param(add, p.B * p.C, "add", x);
+  p.scale = gn_param(scale, p.B * p.C, "scale", x);
+  p.shift = gn_param(shift, p.B * p.C, "shift", x);
   p.silu = silu;
   return p;
 }

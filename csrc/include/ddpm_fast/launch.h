@@ -81,15 +81,6 @@ inline const int64_t* rng_ptr(const std::optional<at::Tensor>& rng, const at::Te
   return rng->data_ptr<int64_t>();
 }
 
-// An optional float32 parameter of numel elements on device, as a raw pointer (nullptr if absent).
-inline const float* float_param(const std::optional<at::Tensor>& p, int64_t numel, const char* name,
-                                c10::Device device) {
-  if (!p) return nullptr;
-  TORCH_CHECK(p->scalar_type() == at::kFloat && p->is_contiguous() && p->numel() == numel && p->device() == device,
-              name, ": expected a contiguous float32 tensor of ", numel, " elements on ", device);
-  return p->data_ptr<float>();
-}
-
 // picard_step: x [A, P + 1, C, ...] window states, model_output [A, P, C (2C for learned_range), ...]
 // in x's dtype, t int64 [A, P], sample int64 [A], all contiguous on x's device; returns P.
 inline int64_t check_picard(const at::Tensor& x, const at::Tensor& out, const at::Tensor& t, const at::Tensor& sample,
