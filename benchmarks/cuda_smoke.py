@@ -66,14 +66,17 @@ def main(argv=None) -> int:
     for dtype in DTYPES:
         # the on-chip, split and (channels_last groups narrower than a sector) rows paths, each with
         # scalar, 4-value and (16-bit) 8-value accesses on a GPU of 65 to 192 SMs (tests/test_group_norm.py's
-        # CUDA_GN_PATHS), and 4096 channels a group: the backward's largest [3][CG] shared table (48 KiB)
-        for shape, groups in (((17, 128, 4, 4), 64), ((1, 64, 33, 31), 8), ((2, 96, 9, 11), 32), ((3, 64, 6, 5), 16),
-                              ((1, 4096, 2, 4), 1)):
+        # CUDA_GN_PATHS), 4096 channels a group: the backward's largest [3][CG] shared table (48 KiB), and
+        # on CUDA 8192 on chip: its table in opted-in shared memory (96 KiB).  The parameters in x's
+        # dtype (the kernels read float32 ones in the float32 rounds).
+        wide = [((128, 8192, 1, 1), 1)] if backend == "cuda" else []
+        for shape, groups in [((17, 128, 4, 4), 64), ((1, 64, 33, 31), 8), ((2, 96, 9, 11), 32), ((3, 64, 6, 5), 16),
+                              ((1, 4096, 2, 4), 1)] + wide:
             for fmt in (torch.contiguous_format, torch.channels_last):
                 B, C = shape[:2]
                 x = torch.randn(shape, device=dev).to(dtype).contiguous(memory_format=fmt)
-                w, b = torch.randn(C, device=dev), torch.randn(C, device=dev)
-                add, sc, sh = (torch.randn(B, C, device=dev) for _ in range(3))
+                w, b = torch.randn(C, device=dev).to(dtype), torch.randn(C, device=dev).to(dtype)
+                add, sc, sh = (torch.randn(B, C, device=dev).to(dtype) for _ in range(3))
                 leaves = [t.requires_grad_() for t in (x, w, b, add, sc, sh)]
                 y = df.group_norm(x, groups, w, b, add=add, scale=sc, shift=sh, silu=True, backend=backend)
                 dy = torch.randn_like(y)
