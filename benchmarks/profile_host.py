@@ -67,6 +67,8 @@ def split(fn, device: torch.device, calls: int = 100, profiled: int = 20) -> dic
                 fn()
             sync()
         events = device_events(prof)
+        if not events:  # every case launches something: the profiler could not see the GPU
+            raise RuntimeError("torch.profiler recorded no device events (is CUPTI available?)")
         gpu_us = sum(us for _, us in events) / profiled
         launches = len(events) / profiled
         per_kernel: Dict[str, float] = defaultdict(float)

@@ -82,3 +82,11 @@ def test_cuda_group_norm_launches_and_device_time(batch, launches):
     assert r["gpu_us"] > 0 and r["host_us"] > 0 and r["bound"] in ("host", "GPU")
     names = [name for name, _ in r["top"]]
     assert all(name.startswith("gn_") for name in names) and len(names) == launches
+
+
+def test_no_device_events_is_a_failure_not_a_zero(monkeypatch):
+    """Where CUPTI cannot trace, a CUDA case must fail, not read as 0 us of GPU time."""
+    monkeypatch.setattr(profile_host, "device_events", lambda prof: [])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    with pytest.raises(RuntimeError, match="no device events"):
+        profile_host.split(lambda: None, torch.device("cuda"), calls=2)
