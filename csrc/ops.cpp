@@ -33,9 +33,9 @@ TORCH_LIBRARY(ddpm_fast, m) {
   // relative to the group's pivot, one of its values (csrc/include/ddpm_fast/group_norm.h).
   m.def("group_norm(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps, Tensor? add, "
         "Tensor? scale, Tensor? shift, bool silu, bool channels_last) -> (Tensor, Tensor, Tensor)");
-  // Its backward (csrc/include/ddpm_fast/group_norm.h): (dx, sums), sums float32 [3, B, C] holding
-  // per (sample, channel) S1 = sum dz, S2 = sum dz xhat, S3 = sum xhat, from which ops.py forms the
-  // gradients of weight, bias, add, scale and shift.  dy in x's dtype and layout; the parameters in
+  // Its backward (csrc/include/ddpm_fast/group_norm.h): (dx, sums), sums float32 [4, B, C] holding
+  // per (sample, channel) S1 = sum dz, S2 = sum dz xhat, S3 = sum xhat and the add's gradient, from
+  // which ops.py forms the gradients of weight, bias, scale and shift.  dy in x's dtype and layout; the parameters in
   // float32 (the CUDA backward reads them in its hot loop).
   m.def("group_norm_backward(Tensor dy, Tensor x, Tensor mean, Tensor rstd, int num_groups, Tensor? weight, "
         "Tensor? bias, Tensor? add, Tensor? scale, Tensor? shift, bool silu, bool channels_last) -> (Tensor, Tensor)");

@@ -56,8 +56,8 @@ def group_norm_fake(x, num_groups, weight, bias, eps, add, scale, shift, silu, c
 
 @_extension_fake("ddpm_fast::group_norm_backward")
 def group_norm_backward_fake(dy, x, mean, rstd, num_groups, weight, bias, add, scale, shift, silu, channels_last):
-    """(dx, sums [3, B, C] float32) of a group_norm_backward op."""
-    return torch.empty_like(x, memory_format=_layout(channels_last)), x.new_empty((3, *x.shape[:2]),
+    """(dx, sums [4, B, C] float32) of a group_norm_backward op."""
+    return torch.empty_like(x, memory_format=_layout(channels_last)), x.new_empty((4, *x.shape[:2]),
                                                                                   dtype=torch.float32)
 
 

@@ -409,7 +409,6 @@ def _gn_setup_context(ctx, inputs, output):
     _, mean, rstd = output
     ctx.save_for_backward(x, w, b, add, scale, shift, mean, rstd)
     ctx.num_groups, ctx.silu, ctx.channels_last = num_groups, silu, channels_last
-    ctx.hw = math.prod(x.shape[2:])
     ctx.mark_non_differentiable(mean, rstd)
 
 
@@ -425,39 +424,28 @@ def _gn_backward_with(backward_op):
         w, b, add, scale, shift = (None if p is None else p.float() for p in (w, b, add, scale, shift))
         dx, sums = backward_op(dy, x, mean, rstd, ctx.num_groups, w, b, add, scale, shift, ctx.silu, ctx.channels_last)
         need = ctx.needs_input_grad
-        dw, db, dadd, dscale, dshift = group_norm_param_grads(sums, rstd, ctx.num_groups, ctx.hw, w, b, scale,
-                                                              need[2], need[3], need[5], need[6], need[7])
+        dw, db, dadd, dscale, dshift = group_norm_param_grads(sums, w, b, scale, need[2], need[3], need[5], need[6],
+                                                              need[7])
         return dx if need[0] else None, None, dw, db, None, dadd, dscale, dshift, None, None
 
     return backward
 
 
-def group_norm_param_grads(sums: torch.Tensor, rstd: torch.Tensor, num_groups: int, hw: int,
-                           w: Optional[torch.Tensor], b: Optional[torch.Tensor], scale: Optional[torch.Tensor],
-                           need_w: bool, need_b: bool, need_add: bool, need_scale: bool, need_shift: bool
-                           ) -> Tuple[Optional[torch.Tensor], ...]:
-    """(dweight, dbias, dadd, dscale, dshift) from a group_norm backward kernel's per (sample,
-    channel) sums [3, B, C] (S1 = sum dz, S2 = sum dz xhat, S3 = sum xhat; formulas in
-    csrc/include/ddpm_fast/group_norm.h): [B, C]-sized work, None where not needed."""
-    S1, S2, S3 = sums.unbind(0)
-    B, C = S1.shape
-    s1 = S1 if scale is None else S1 * (1 + scale)
-    s2 = S2 if scale is None else S2 * (1 + scale)
-    dw = s2.sum(0) if need_w else None
-    db = s1.sum(0) if need_b else None
+def group_norm_param_grads(sums: torch.Tensor, w: Optional[torch.Tensor], b: Optional[torch.Tensor],
+                           scale: Optional[torch.Tensor], need_w: bool, need_b: bool, need_add: bool,
+                           need_scale: bool, need_shift: bool) -> Tuple[Optional[torch.Tensor], ...]:
+    """(dweight, dbias, dadd, dscale, dshift) from a group_norm backward op's per (sample, channel)
+    sums [4, B, C] (S1 = sum dz, S2 = sum dz xhat, S3 = sum xhat, and dadd, which needs the group
+    sums the kernels have; formulas in csrc/include/ddpm_fast/group_norm.h): None where not needed,
+    views where the sums hold the gradient, else [B, C]-sized work."""
+    S1, S2, _, dadd = sums.unbind(0)
+    dw = (S2 if scale is None else S2 * (1 + scale)).sum(0) if need_w else None
+    db = (S1 if scale is None else S1 * (1 + scale)).sum(0) if need_b else None
     dscale = None
     if need_scale:
         dscale = S2 if w is None else S2 * w
         dscale = dscale if b is None else dscale + S1 * b
-    dadd = None
-    if need_add:
-        cg = C // num_groups
-        ws1 = (s1 if w is None else s1 * w).reshape(B, num_groups, cg)
-        ws2 = (s2 if w is None else s2 * w).reshape(B, num_groups, cg)
-        n = max(hw * cg, 1)
-        m1, m2 = ws1.sum(-1, keepdim=True) / n, ws2.sum(-1, keepdim=True) / n
-        dadd = (rstd[..., None] * (ws1 - hw * m1 - m2 * S3.reshape(B, num_groups, cg))).reshape(B, C)
-    return dw, db, dadd, dscale, S1 if need_shift else None
+    return dw, db, dadd if need_add else None, dscale, S1 if need_shift else None
 
 
 if _ext._C is not None:

@@ -196,10 +196,11 @@ def test_triton_backward_onchip_and_split_paths(split, fmt, gen, poison):
     _, mean, rstd = group_norm(x, 4, *args[:2], 1e-6, *args[2:], split=split)
     dy = layout(torch.randn(x.shape, generator=gen).to(dev), fmt)
     dx, sums = group_norm_backward(dy, x, mean, rstd, 4, *args, split=split)
-    # The reference's gradient in x, and the sums it implies: S1 = dshift, S2 = dscale's part over w.
+    # The reference's gradient in x, and the sums it implies: S1 = dshift, row 3 = dadd.
     _, ref = grads({k: v.double() for k, v in p.items()}, 4, dy.double(), True, "reference")
-    assert rel_err(dx, ref["x"]) < 1e-5
+    assert rel_err(dx, ref["x"]) < 1e-5 and sums.shape == (4, 2, 16)
     assert rel_err(sums[0], ref["shift"]) < 1e-5
+    assert rel_err(sums[3], ref["add"]) < 1e-5
 
 
 def test_param_grads_need_only_what_is_asked(gen):

@@ -390,7 +390,7 @@ void store_fp32(const float* v, scalar_t* out, int64_t n) {
   }
 }
 
-// m1, m2 of group (b, g) from its channels' S1, S2 (sums laid out [3, B, C]).
+// m1, m2 of group (b, g) from its channels' S1, S2 (sums laid out [4, B, C]).
 std::pair<float, float> group_m(const GroupNormParams& a, const float* sums, int64_t b, int64_t g) {
   float m1 = 0.0f, m2 = 0.0f;
   for (int64_t c = g * a.CG; c < (g + 1) * a.CG; ++c) {
@@ -400,6 +400,16 @@ std::pair<float, float> group_m(const GroupNormParams& a, const float* sums, int
   }
   const float n = static_cast<float>(a.n);
   return {m1 / n, m2 / n};
+}
+
+// sums[3] = dadd for the channels of group (b, g), from sums[0] and sums[2] (layout [4, B, C]).
+void add_grads(const GroupNormParams& a, float* sums, int64_t b, int64_t g, float rstd, float m1, float m2) {
+  const int64_t BC = a.B * a.C;
+  for (int64_t c = g * a.CG; c < (g + 1) * a.CG; ++c) {
+    const int64_t bc = b * a.C + c;
+    sums[3 * BC + bc] = gn_dadd(rstd, gn_channel(a, b, c).W, sums[bc], sums[2 * BC + bc], static_cast<float>(a.HW),
+                                m1, m2);
+  }
 }
 
 template <typename scalar_t>
@@ -425,6 +435,7 @@ void gn_backward_nchw(const scalar_t* dy, const scalar_t* x, scalar_t* dx, float
       }
       const std::pair<float, float> m = group_m(a, sums, b, g);
       const float m1 = m.first, m2 = m.second;
+      add_grads(a, sums, b, g, r, m1, m2);
       for (int64_t c = g * a.CG; c < (g + 1) * a.CG; ++c) {
         const int64_t o = (b * a.C + c) * a.HW;
         const GnChannel ch = gn_channel(a, b, c);
@@ -499,6 +510,7 @@ void gn_backward_channels_last(const scalar_t* dy, const scalar_t* x, scalar_t* 
       const auto [m1, m2] = group_m(a, sums, b, g);
       std::fill(m1_c + b * C + g * a.CG, m1_c + b * C + (g + 1) * a.CG, m1);
       std::fill(m2_c + b * C + g * a.CG, m2_c + b * C + (g + 1) * a.CG, m2);
+      add_grads(a, sums, b, g, rstd[b * a.G + g], m1, m2);
     }
   }
   for_rows([&](int64_t, int64_t b, int64_t o, const float* xv, const float* dv, float* buf) {
@@ -517,7 +529,7 @@ std::tuple<at::Tensor, at::Tensor> group_norm_backward_cpu(
       group_norm_params(x, num_groups, weight, bias, 1.0, add, scale, shift, silu, channels_last);
   check_group_norm_backward(dy, x, mean, rstd, num_groups, channels_last);
   at::Tensor dx = at::empty_like(x, format_of(channels_last));
-  at::Tensor sums = at::empty({3, a.B, a.C}, x.options().dtype(at::kFloat));
+  at::Tensor sums = at::empty({4, a.B, a.C}, x.options().dtype(at::kFloat));
   if (x.numel() == 0) return {dx, sums.zero_()};
   DDPM_FAST_DISPATCH_KERNEL_TYPES(x.scalar_type(), "group_norm_backward_cpu", [&] {
     auto kernel = channels_last ? gn_backward_channels_last<scalar_t> : gn_backward_nchw<scalar_t>;

@@ -41,8 +41,9 @@
 //   NCHW, V in channels_last) while they stay the same (a run of HW / V vectors in NCHW; always in
 //   channels_last when CG / V divides 256), flushes them into shared memory [3][CG] (CG <= 4096)
 //   with atomics, and stores the slice's partials.
-// - gnb_dx: a block reduces the S partials of its group (slice 0 stores the totals, the op's sums
-//   [3, B, C]), forms m1 and m2, and writes dx = (rstd W) dz - (rstd m1 + xhat rstd m2).
+// - gnb_dx: a block reduces the S partials of its group (slice 0 stores the totals and, once it has
+//   m1 and m2, the add's gradient: the op's sums [4, B, C]), and writes
+//   dx = (rstd W) dz - (rstd m1 + xhat rstd m2).
 // x and dy are read twice (the second time mostly from L2), dx written once: 5 * N * sizeof(T)
 // bytes at worst, ~10 FLOPs per value per pass (+ an exp and a divide with SiLU).
 #include <ATen/Dispatch.h>
@@ -769,6 +770,15 @@ __global__ void __launch_bounds__(kThreads)
   }
   const float2 m = block_sum2(m1, m2);
   const float r = rstd[bg], md = mean[bg];
+  if (s == 0) {  // the add's gradient, from the totals this thread stored above
+    const int64_t BC = p.B * p.C;
+    const float n = static_cast<float>(p.n);
+    for (int k = threadIdx.x; k < p.CG; k += kThreads) {
+      const int64_t bc = gr.b * p.C + gr.g * p.CG + k;
+      sums[3 * BC + bc] = gn_dadd(r, gn_channel<true>(p, gr.b, gr.g * p.CG + k).W, sums[bc], sums[2 * BC + bc],
+                                  static_cast<float>(p.HW), m.x / n, m.y / n);
+    }
+  }
   // dx = r (W gz - m1 - xhat m2) = (r W) gz - (r m1 + xhat (r m2))
   const float rm1 = r * m.x / static_cast<float>(p.n), rm2 = r * m.y / static_cast<float>(p.n);
   constexpr uint32_t kNone = 0xffffffffu;
@@ -812,7 +822,7 @@ std::tuple<at::Tensor, at::Tensor> group_norm_backward_cuda(
   }
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = at::empty_like(x, format_of(channels_last));
-  at::Tensor sums = at::empty({3, p.B, p.C}, x.options().dtype(at::kFloat));
+  at::Tensor sums = at::empty({4, p.B, p.C}, x.options().dtype(at::kFloat));
   if (x.numel() == 0) return {dx, sums.zero_()};
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t groups = p.B * p.G;

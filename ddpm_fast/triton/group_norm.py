@@ -18,10 +18,11 @@ Bytes: (1 or 2) * N + N times sizeof(T); ~10 FLOPs per element (+4 with SiLU).
 
 Backward (formula in csrc/include/ddpm_fast/group_norm.h), the same two paths:
 - on-chip, grid (B*G,): a program loads its group's x and dy once, recomputes xhat and
-  dz = dy act'(z), sums S1, S2, S3 per channel (stored, [3, B, C]), forms m1, m2 and writes dx.
-  Two reads + one write.
+  dz = dy act'(z), sums S1, S2, S3 per channel (stored, rows 0-2 of [4, B, C]), forms m1, m2 and
+  writes dx.  Two reads + one write.
 - split, grid (B*G, S): _gnb_sums stores per-slice per-channel sums; _gnb_dx reduces them (slice 0
   stores the totals) and writes dx for its slice.  Four reads + one write.
+Then row 3, the add's gradient, from the totals with [B, C]-sized torch ops (_with_add_grad).
 ~15 FLOPs per element (+6 with SiLU's derivative).  The ops at the end (ddpm_fast_triton::*) are
 torch.library custom ops over the launchers, so they trace under torch.compile; ddpm_fast.ops
 registers their autograd.
@@ -409,11 +410,12 @@ def _gnb_dx(dy_ptr, x_ptr, dx_ptr, sums_ptr, part_ptr, mean_ptr, rstd_ptr, w_ptr
 @launch.on_device
 def group_norm_backward(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, num_groups: int,
                         weight, bias, add, scale, shift, silu: bool, channels_last: bool, split: int = 0):
-    """Launcher of the backward: dy in x's dtype and layout.  Returns (dx, sums [3, B, C] float32)."""
+    """Launcher of the backward: dy in x's dtype and layout.  Returns (dx, sums [4, B, C] float32: S1, S2,
+    S3 and the add's gradient, as the C++ ops do)."""
     B, C, HW, CG, stride_c, stride_hw, BLOCK_C = _geometry(x, num_groups, channels_last)
     G = num_groups
     dx = torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    sums = torch.empty((3, B, C), dtype=torch.float32, device=x.device)
+    sums = torch.empty((4, B, C), dtype=torch.float32, device=x.device)
     if x.numel() == 0:
         return dx, sums.zero_()
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_ADD=add is not None,
@@ -428,7 +430,7 @@ def group_norm_backward(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, r
         _gnb_onchip[(B * G,)](dy, x, dx, sums, mean, rstd, *ptrs, B, G, C, HW, CG, stride_c, stride_hw, count,
                               BLOCK_HW=onchip_hw, BLOCK_C=BLOCK_C, num_warps=_num_warps(onchip_hw * BLOCK_C, 16),
                               **flags)
-        return dx, sums
+        return dx, _with_add_grad(sums, rstd, G, HW, weight, scale)
     BLOCK_HW = max(1, min(triton.next_power_of_2(HW), 1024 // BLOCK_C))
     S, chunk = _split_geometry(HW, BLOCK_HW, split)
     part = torch.empty((B * G, S, 3, BLOCK_C), dtype=torch.float32, device=x.device)
@@ -438,7 +440,22 @@ def group_norm_backward(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, r
     _gnb_dx[(B * G, S)](dy, x, dx, sums, part, mean, rstd, *ptrs, B, G, C, HW, CG, stride_c, stride_hw, chunk, S, count,
                         BLOCK_HW=BLOCK_HW, BLOCK_C=BLOCK_C, BLOCK_S=triton.next_power_of_2(S), num_warps=num_warps,
                         **flags)
-    return dx, sums
+    return dx, _with_add_grad(sums, rstd, G, HW, weight, scale)
+
+
+def _with_add_grad(sums, rstd, G, HW, weight, scale):
+    """sums[3] = dadd = rstd (W S1 - HW m1 - m2 S3) from the kernels' S1..S3 (gn_dadd of
+    csrc/include/ddpm_fast/group_norm.h), with W = w (1 + scale) and m1, m2 its group's sums of W S1,
+    W S2 over n: [B, C]-sized torch work."""
+    S1, S2, S3 = sums[0], sums[1], sums[2]
+    B, C = S1.shape
+    W = torch.ones_like(S1) if weight is None else weight.expand(B, C)
+    W = W if scale is None else W * (1 + scale)
+    ws1, ws2 = (W * S1).reshape(B, G, -1), (W * S2).reshape(B, G, -1)
+    n = HW * (C // G)
+    m1, m2 = ws1.sum(-1, keepdim=True) / n, ws2.sum(-1, keepdim=True) / n
+    sums[3] = (rstd[..., None] * ((ws1 - HW * m1) - m2 * S3.reshape(B, G, -1))).reshape(B, C)
+    return sums
 
 
 # ---------------------------------------------------------------------------- the ops

@@ -15,9 +15,9 @@
 //   per (b, c): S1 = sum gz, S2 = sum gz xhat, S3 = sum xhat over the channel's positions
 //   per (b, g): m1 = sum_c W S1 / n, m2 = sum_c W S2 / n
 //   dx   = rstd (W gz - m1 - xhat m2)
-// S1..S3 (the op's `sums` output) give every parameter gradient in ddpm_fast/ops.py:
-// dshift = S1, dscale = w S2 + bias S1, dbias = sum_b (1 + scale) S1, dweight = sum_b (1 + scale) S2,
-// dadd = rstd (W S1 - HW m1 - m2 S3).
+// The op's `sums` output [4, B, C] holds S1..S3 and dadd = rstd (W S1 - HW m1 - m2 S3) (gn_dadd);
+// ddpm_fast/ops.py forms the rest: dshift = S1, dscale = w S2 + bias S1, dbias = sum_b (1 + scale) S1,
+// dweight = sum_b (1 + scale) S2.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -89,6 +89,11 @@ DF_HD float gn_silu_grad(float dy, float z, float sig) { return dy * sig * (1.0f
 
 DF_HD float gn_dx(float gz, float xhat, float W, float rstd, float m1, float m2) {
   return rstd * ((W * gz - m1) - xhat * m2);
+}
+
+// The input add's gradient for one (sample, channel), from its S1, S3 and its group's m1, m2.
+DF_HD float gn_dadd(float rstd, float W, float S1, float S3, float HW, float m1, float m2) {
+  return rstd * ((W * S1 - HW * m1) - m2 * S3);
 }
 
 // Statistics of a set of values d: their count, mean and sum of squared deviations M2.  Partial
