@@ -9,7 +9,8 @@ For a call of tens of microseconds that mixes two things: when the call's host w
 flush queued before it, the GPU idles between the events and they time the wait.  ncu
 (profile_kernels.py) sees only the kernels.  Per case this measures both:
 - host us: the host's time a call, over N calls issued back to back from an idle GPU with no sync
-  between them (N keeps fewer than 900 launches queued, so the host never waits for the GPU);
+  between them (N keeps fewer than 900 launches queued, so the host does not wait for the GPU,
+  unless one call launches more than that or the case itself syncs: such a row reads host-bound);
 - GPU us: the summed device time of the call's kernels, memcpys and memsets (torch.profiler's
   device events over 20 calls); launches: device events a call; the longest kernels;
 - back-to-back us: wall clock a call over the same N calls and a final sync (no L2 flush);

@@ -60,18 +60,6 @@ class QKVCache:
         return entry[1], entry[2]
 
 
-def qkv_cached_parameters(model: nn.Module) -> set:
-    """ids of the parameters that a QKVCache reads (to_q, to_k and to_v of every attention module with
-    one: our AttnBlock, and a diffusers Attention with a FusedAttnProcessor).  Its entries are keyed
-    by these tensors, so they must reach it as themselves, never as stand-ins for one call."""
-    found = set()
-    for m in model.modules():
-        holders = [m, getattr(m, "processor", None)]
-        if any(isinstance(v, QKVCache) for h in holders if h is not None for v in vars(h).values()):
-            found |= {id(p) for name in ("to_q", "to_k", "to_v") for p in getattr(m, name).parameters()}
-    return found
-
-
 def fused_attention_block(x: torch.Tensor, norm: nn.GroupNorm, q: nn.Linear, k: nn.Linear, v: nn.Linear,
                           out: nn.Linear, heads: int, cache: QKVCache, scale: Optional[float] = None,
                           rescale_output_factor: float = 1.0, residual: bool = True) -> torch.Tensor:

@@ -75,11 +75,6 @@ _SETTINGS = (lambda: torch.backends.cudnn.allow_tf32, lambda: torch.backends.cud
              torch.backends.cuda.math_sdp_enabled)
 
 
-# The stock forwards of the modules whose weights autocast casts for one op each (conv, linear).
-_AUTOCAST_FORWARDS = {m.forward for m in (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose1d,
-                                          torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d, torch.nn.Linear)}
-
-
 def _kernel_settings() -> tuple:
     out = []
     for read in _SETTINGS:
@@ -155,8 +150,7 @@ class DDPMSampler:
         if not isinstance(keep_graphs, bool):
             raise TypeError(f"keep_graphs: expected a bool, got {type(keep_graphs).__name__}")
         self.keep_graphs = keep_graphs
-        self._kept: Optional[tuple] = None  # (_graph_key, tables, t_model, captures, casts, schedule) of the last call
-        self._casts: Optional[dict] = None  # the weights in self.dtype for this call (_cast_weights)
+        self._kept: Optional[tuple] = None  # (_graph_key, tables, t_model, captures, schedule) of the last call
         if isinstance(model, torch.nn.Module):
             model.eval()
             if channels_last:
@@ -164,46 +158,15 @@ class DDPMSampler:
 
     # ---------------------------------------------------------------- model call
     def _eps(self, x: torch.Tensor, t_model: torch.Tensor) -> torch.Tensor:
-        # No autocast cast cache: inside a user's own autocast it would outlive this call, and a capture
-        # would read its casts by address.  The weights' casts are made once a call instead (_casts).
+        # No cast cache: inside a user's own autocast it would outlive this call, and a capture would
+        # read its casts by address; uncached, the casts are part of the captured step.
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32,
                             cache_enabled=False):
-            if self._casts:
-                out = torch.func.functional_call(self.model, self._casts, (x, t_model))
-            else:
-                out = self.model(x, t_model)
+            out = self.model(x, t_model)
         out = getattr(out, "sample", out)
         if isinstance(out, tuple):
             out = out[0]
         return out.float()
-
-    def _cast_weights(self) -> Optional[dict]:
-        """{name: the weight in self.dtype} for each float32 parameter that autocast would cast at every
-        step, made once a call: those of the convolutions and linear layers that run their own stock
-        forward and have no hooks (their one use is that op, in the autocast's dtype, so the copy is
-        the cast autocast makes, bit for bit), on the sampler's device type.  Not the q/k/v that a
-        QKVCache reads (it keeps their concatenation in the GEMM's dtype itself), nor a parameter that
-        another module also holds.  None in float32 or for a bare callable.  The copies cost 2 bytes
-        a parameter (fp16/bf16) while the call, or the kept captures, last."""
-        if self.dtype == torch.float32 or not isinstance(self.model, torch.nn.Module):
-            return None
-        from .modules import qkv_cached_parameters
-
-        exempt = qkv_cached_parameters(self.model)
-        users: dict = {}  # id(parameter) -> [the names it goes by, whether every holder casts it]
-        for mname, m in self.model.named_modules(remove_duplicate=False):
-            # A hook could read or remake the weight in float32 (the old spectral_norm does).
-            stock = type(m).forward in _AUTOCAST_FORWARDS and not (m._forward_pre_hooks or m._forward_hooks)
-            for pname, p in m.named_parameters(recurse=False, remove_duplicate=False):
-                entry = users.setdefault(id(p), [p, [], True])
-                entry[1].append(f"{mname}.{pname}" if mname else pname)
-                entry[2] = entry[2] and stock
-        casts = {}
-        for key, (p, names, cast) in users.items():
-            if cast and key not in exempt and p.dtype == torch.float32 and p.device.type == self.device.type:
-                low = p.detach().to(self.dtype)
-                casts.update((name, low) for name in names)
-        return casts or None
 
     def _check_output(self, out: torch.Tensor, x: torch.Tensor) -> None:
         C = x.shape[1]
@@ -301,15 +264,14 @@ class DDPMSampler:
         sched, ts = self._plan(num_steps)
         key = self._graph_key(ts, seed)
         if key is not None and self._kept is not None and self._kept[0] == key:
-            tables, t_model, graphs, self._casts = self._kept[1:5]
+            tables, t_model, graphs = self._kept[1:4]
             return tables, t_model, graphs.start_call()
         self._kept = None  # stale captures go before new ones take memory
         tables = sched.to(self.device)  # built once: no host copy per step
         t_model = torch.tensor(ts, dtype=torch.long, device=self.device)
         graphs = _Captures()  # sample (or window state) shape -> captured step, reused by every batch of that shape
-        self._casts = self._cast_weights()  # the captures read them by address: kept with them
         if key is not None:  # the schedule is held so that its id in the key stays its own
-            self._kept = (key, tables, t_model, graphs, self._casts, self.schedule)
+            self._kept = (key, tables, t_model, graphs, self.schedule)
         return tables, t_model, graphs
 
     def _step(self, x, tables, k, t_vec_model, t_idx, key):
