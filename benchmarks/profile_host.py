@@ -15,9 +15,10 @@ flush queued before it, the GPU idles between the events and they time the wait.
   device events over 20 calls); launches: device events a call; the longest kernels;
 - back-to-back us: wall clock a call over the same N calls and a final sync (no L2 flush);
 - bound: "host" when host us exceeds GPU us, else "GPU".
-The host figures are medians of 5 repeats.  Writes OUT_DIR/host-summary.md and .json after every case.  On a CPU the
-GPU columns stay empty and every case is host-bound.  torch.compile baselines are left out unless
---with-compile (each compiles for many seconds); so are the e2e and train suites unless named.
+The host figures are medians of 5 repeats.  Writes OUT_DIR/host-summary.md and .json after every
+case.  On a CPU the GPU columns stay empty and every case is host-bound.  torch.compile baselines
+are left out unless --with-compile (each compiles for many seconds); so are the e2e and train
+suites unless named.
 """
 
 from __future__ import annotations

@@ -127,12 +127,13 @@ def _group_norm_plans() -> Iterator[Plan]:
             yield Plan(op, f"{dtype} {'x'.join(map(str, shape))} G={groups} {layout} split={split} "
                        f"{'+'.join(sorted(flags)) or 'plain'}",
                        dict(dtype=dtype, shape=shape, groups=groups, layout=layout, split=split, **flags))
-        # Every parameter in x's 16-bit dtype (a bf16 model): other pointer types, so kernels of their own.
-        (shape, groups), flags = shapes[0], flag_sets[0]
-        for dtype, layout, split in itertools.product(DTYPES[1:], ("nchw", "channels_last"), (1, 4)):
-            yield Plan(op, f"{dtype} {'x'.join(map(str, shape))} G={groups} {layout} split={split} all, "
-                       "parameters in x's dtype", dict(dtype=dtype, shape=shape, groups=groups, layout=layout,
-                                                       split=split, params_like_x=True, **flags))
+    # The forward with every parameter in x's 16-bit dtype (a bf16 model): other pointer types, so kernels
+    # of their own (the backward gets float32 parameters from ops.py).
+    (shape, groups), flags = shapes[0], flag_sets[0]
+    for dtype, layout, split in itertools.product(DTYPES[1:], ("nchw", "channels_last"), (1, 4)):
+        yield Plan("group_norm", f"{dtype} {'x'.join(map(str, shape))} G={groups} {layout} split={split} all, "
+                   "parameters in x's dtype", dict(dtype=dtype, shape=shape, groups=groups, layout=layout,
+                                                   split=split, params_like_x=True, **flags))
 
 
 def _attention_plans() -> Iterator[Plan]:
