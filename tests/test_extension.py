@@ -49,7 +49,7 @@ def test_forward_mode_ad_runs_the_reference(op, gen):
     assert ours[1].abs().max() > 0
     assert torch.allclose(ours[0], want[0]) and torch.allclose(ours[1], want[1])
     if op == "attention":  # and what auto runs outside forward AD on the CPU, torch's SDPA
-        assert torch.allclose(ours[0], F.scaled_dot_product_attention(x, x, x))
+        assert torch.allclose(ours[0], F.scaled_dot_product_attention(x, x, x), atol=1e-6)  # outputs near 0
     if op != "attention":
         with pytest.raises(df.BackendUnavailableError, match="no forward-mode AD"):
             torch.func.jvp(lambda x: calls[op](x, "cpu"), (x,), (tangent,))
