@@ -220,6 +220,41 @@ def test_param_grads_need_only_what_is_asked(gen):
     assert all(p[k].grad is None for k in p if k != "weight")
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+def test_eager_graph_takes_the_plain_function_with_the_registered_gradients(backend, fmt, gen):
+    """An eager call that records a graph runs ops._gn_function, a plain autograd.Function (host time:
+    torch.library's wrapper costs more than the op), and gets the gradients, bit for bit, of the
+    registered autograd that torch.compile traces.  Under torch.func.grad, which that autograd does
+    not take, 'auto' runs the reference and a named kernel backend says so."""
+    from ddpm_fast import ops
+
+    dev = backend_device(backend)
+    p = make_inputs((3, 12, 5, 5), 4, ("add", "scale", "shift"), True, gen, torch.float32, dev)
+    p["x"] = layout(p["x"], fmt)
+    leaves = [v.requires_grad_() for v in p.values()]
+    dy = torch.randn(p["x"].shape, generator=gen).to(dev)
+    kw = {k: v for k, v in p.items() if k != "x"}
+    y = df.group_norm(p["x"], 4, eps=1e-6, silu=True, backend=backend, **kw)
+    assert type(y.grad_fn).__name__ == "GroupNormFunctionBackward"
+    got = torch.autograd.grad(y, leaves, dy)
+    op = ops._triton_group_norm_op() if backend == "triton" else torch.ops.ddpm_fast.group_norm
+    y_op = op(p["x"], 4, p["weight"], p["bias"], 1e-6, p["add"], p["scale"], p["shift"], True,
+              fmt == "channels_last")[0]
+    assert "GroupNormFunction" not in type(y_op.grad_fn).__name__
+    want = torch.autograd.grad(y_op, leaves, dy)
+    assert torch.equal(y, y_op)
+    for name, g, w in zip(p, got, want):
+        assert torch.equal(g, w), name
+    def loss(x, b):
+        return (df.group_norm(x, 4, eps=1e-6, silu=True, backend=b, **kw) * dy).sum()
+
+    dx = torch.func.grad(loss)(p["x"].detach(), "auto")
+    assert rel_err(dx, got[0]) < 1e-5
+    with pytest.raises(df.BackendUnavailableError, match="torch.func"):
+        torch.func.grad(loss)(p["x"].detach(), backend)
+
+
 def kernel_available(name):
     if df.available_backends()[name] is not True:
         pytest.skip(f"{name}: {df.available_backends()[name]}")
