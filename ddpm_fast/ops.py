@@ -386,9 +386,8 @@ def group_norm(
     check_group_norm(x, num_groups, weight, bias, eps, add, scale, shift)
     grad = _needs_grad(x, weight, bias, add, scale, shift)
     which = pick_backend("group_norm", backend, x.device, x.dtype, grad)
-    if which != "reference" and grad and not torch.compiler.is_compiling() \
-            and torch._C._are_functorch_transforms_active():
-        # torch.func.grad/vjp/vmap: the registered autograd (torch.library's) does not take them.
+    functorch = grad and not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+    if which != "reference" and functorch and _func_grad_active():
         if backend != "auto":
             raise BackendUnavailableError(f"backend={backend!r}: the group_norm kernels' autograd does not run "
                                           "under torch.func transforms; use backend='auto' or 'reference'")
@@ -403,7 +402,7 @@ def group_norm(
                        else p.to(torch.float32).contiguous() for p in (weight, bias, add, scale, shift))
     kernel = _triton_group_norm_op() if which == "triton" else torch.ops.ddpm_fast.group_norm
     args = (x, num_groups, w, b, float(eps), a, sc, sh, bool(silu), channels_last)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or functorch:  # vmap: the registered op, through vmap's fallback
         return kernel(*args)[0]
     if grad:
         return _GN_FUNCTIONS[kernel].apply(*args)[0]
@@ -411,6 +410,15 @@ def group_norm(
     # wrapper itself would go (a third of a small call's host time, which at batch 1 is all of it).
     with torch._C._AutoDispatchBelowAutograd():
         return kernel(*args)[0]
+
+
+def _func_grad_active() -> bool:
+    """Inside torch.func.grad/vjp, which torch.library's registered autograd does not take (it
+    raises inside torch); vmap alone it does."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    return any(i.key() == TransformType.Grad for i in retrieve_all_functorch_interpreters())
 
 
 def _gn_setup_context(ctx, inputs, output):

@@ -226,7 +226,7 @@ def test_eager_graph_takes_the_plain_function_with_the_registered_gradients(back
     """An eager call that records a graph runs ops._gn_function, a plain autograd.Function (host time:
     torch.library's wrapper costs more than the op), and gets the gradients, bit for bit, of the
     registered autograd that torch.compile traces.  Under torch.func.grad, which that autograd does
-    not take, 'auto' runs the reference and a named kernel backend says so."""
+    not take, 'auto' runs the reference and a named kernel backend says so; vmap takes the op."""
     from ddpm_fast import ops
 
     dev = backend_device(backend)
@@ -253,6 +253,11 @@ def test_eager_graph_takes_the_plain_function_with_the_registered_gradients(back
     assert rel_err(dx, got[0]) < 1e-5
     with pytest.raises(df.BackendUnavailableError, match="torch.func"):
         torch.func.grad(loss)(p["x"].detach(), backend)
+    if fmt == "contiguous":  # vmap alone, with autograd outside it: the kernel op, as in a Python loop
+        xs = torch.stack([p["x"].detach()] * 2)  # (torch's vmap cannot query a channels_last layout)
+        y2 = torch.func.vmap(lambda x: df.group_norm(x, 4, eps=1e-6, silu=True, backend=backend, **kw))(xs)
+        dw, = torch.autograd.grad(y2, p["weight"], torch.stack([dy] * 2))
+        assert torch.equal(y2[1], y) and rel_err(dw, 2 * got[1]) < 1e-5
 
 
 def kernel_available(name):
